@@ -1,0 +1,64 @@
+"""The one dispatch rule of genjo_fast, shared by every op that has several implementations.
+
+A :class:`Registry` maps backend names to an implementation and an availability check.
+The choice comes from the ``backend=`` argument, else the registry's env variable, else
+``"auto"``. ``"auto"`` takes the first available backend in preference order and logs once per
+(backend, device type) when it falls back; an explicit request for an unavailable backend is an
+error naming the reason.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+
+logger = logging.getLogger("genjo_fast")
+
+
+class Registry:
+    """Backends of one op.
+
+    Args:
+        what: the argument's name in messages (``"backend"``, ``"attention backend"``).
+        env_var: the env variable read when no backend is passed.
+    """
+
+    def __init__(self, what: str, env_var: str):
+        self.what = what
+        self.env_var = env_var
+        self._backends: Dict[str, Tuple[Any, Callable[[torch.device], Optional[str]]]] = {}
+        self._logged = set()
+
+    def register(self, name: str, impl: Any,
+                 check: Callable[[torch.device], Optional[str]] = lambda device: None) -> None:
+        """Adds a backend, most preferred first. ``check(device)`` returns ``None`` when the
+        backend can run on ``device``, else the reason it cannot."""
+        self._backends[name] = (impl, check)
+
+    def names(self) -> Tuple[str, ...]:
+        return tuple(self._backends)
+
+    def resolve(self, requested: Optional[str], device: torch.device) -> Tuple[str, Any]:
+        """Returns ``(name, impl)`` of the backend to use on ``device``."""
+        name = requested if requested is not None else os.environ.get(self.env_var, "auto")
+        source = self.what if requested is not None else self.env_var
+        if name != "auto" and name not in self._backends:
+            raise ValueError(f"{source}={name!r} is not known; expected 'auto' or one of "
+                             f"{self.names()}")
+        if name != "auto":
+            impl, check = self._backends[name]
+            reason = check(device)
+            if reason is not None:
+                raise RuntimeError(f"{source}={name!r} was requested but is unavailable: {reason}")
+            return name, impl
+        for candidate, (impl, check) in self._backends.items():
+            reason = check(device)
+            if reason is None:
+                return candidate, impl
+            if (candidate, device.type) not in self._logged:
+                self._logged.add((candidate, device.type))
+                logger.info("genjo_fast: %s %r unavailable on %s (%s); falling back",
+                            self.what, candidate, device.type, reason)
+        raise RuntimeError(f"no {self.what} can run on {device}")

@@ -1,0 +1,152 @@
+"""Plain-PyTorch statement of the reference LLaDA sampler: the test oracle and the fallback.
+
+This module follows the reference semantics of ``shared/LLADA_FACTS.md`` step by step, quirks
+included, with no attempt at speed: every step runs the model over the whole sequence, noises
+the full ``(B, L, V)`` logits in float64 and picks the transfer with a per-row ``topk``. The
+only departures from the reference are the ones that make it a usable oracle:
+
+* classifier-free guidance works without an ``attention_mask`` (the reference crashes there);
+* ties in confidence go to the lowest position on every device (what ``torch.topk`` does on
+  CUDA; on CPU its tie order is unspecified, so the oracle sorts stably instead);
+* the random numbers come from a :class:`~genjo_fast.draws.Draws` source, so tests can hand
+  the oracle and genjo_fast the same draws;
+* the special token ids are keyword arguments instead of constants.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .draws import Draws, TorchDraws
+
+MASK_ID = 126336
+EOS_ID = 126081  # <|endoftext|>, also the padding token
+EOT_ID = 126348  # <|eot_id|>
+
+
+def model_logits(model, x: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Runs ``model(x, attention_mask=...)`` and returns its logits ``(B, L, V)``."""
+    out = model(x, attention_mask=attention_mask)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def get_num_transfer_tokens(block_mask_index: torch.Tensor, steps: int) -> torch.Tensor:
+    """Tokens to unmask per step: ``n // steps`` each, one more in the first ``n % steps``.
+
+    Args:
+        block_mask_index: bool ``(B, block_length)``, True where the block is masked.
+    Returns:
+        int64 ``(B, steps)``.
+    """
+    mask_num = block_mask_index.sum(dim=1, keepdim=True)
+    base, remainder = mask_num // steps, mask_num % steps
+    step_ids = torch.arange(steps, device=block_mask_index.device)
+    return base + (step_ids[None, :] < remainder).long()
+
+
+def topk_lowest_position(confidence: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest values of a 1-D tensor, equal values by lowest position."""
+    order = torch.sort(confidence, descending=True, stable=True).indices
+    return order[:k]
+
+
+def add_gumbel_noise(logits: torch.Tensor, temperature: float, uniform) -> torch.Tensor:
+    """The reference's Gumbel-max perturbation, in float64.
+
+    Temperature 0 returns ``logits`` itself (the same tensor object, as the reference does).
+    Otherwise ``exp(logits) / (-log(u)) ** temperature`` with ``u = uniform()``, whose argmax is
+    that of ``logits / temperature + Gumbel noise``.
+    """
+    if temperature == 0:
+        return logits
+    logits = logits.to(torch.float64)
+    gumbel_noise = (-torch.log(uniform())) ** temperature
+    return logits.exp() / gumbel_noise
+
+
+@torch.no_grad()
+def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, block_length=128,
+             temperature=0., cfg_scale=0., remasking='low_confidence', mask_id=MASK_ID,
+             logits_eos_inf=False, confidence_eos_eot_inf=False, *,
+             eos_id: int = EOS_ID, eot_id: int = EOT_ID,
+             draws: Optional[Draws] = None) -> torch.Tensor:
+    """Reference masked-diffusion sampling (plain PyTorch, slow).
+
+    Args:
+        model: callable as ``model(x, attention_mask=...)`` returning ``.logits`` (B, L, V).
+        prompt: int64 ``(B, Lp)``, left-padded.
+        attention_mask: ``(B, Lp)`` of 0/1 or ``None``.
+        draws: source of uniform draws; default ``torch.rand`` on the global RNG.
+    Returns:
+        int64 ``(B, Lp + gen_length)``: the prompt followed by the generated tokens.
+    """
+    draws = draws if draws is not None else TorchDraws()
+    device = prompt.device
+    batch, prompt_len = prompt.shape
+    x = torch.full((batch, prompt_len + gen_length), mask_id, dtype=torch.long, device=device)
+    x[:, :prompt_len] = prompt.clone()
+    if attention_mask is not None:
+        attention_mask = torch.cat(
+            [attention_mask, attention_mask.new_ones((batch, gen_length))], dim=-1)
+    prompt_index = x != mask_id
+
+    assert gen_length % block_length == 0
+    num_blocks = gen_length // block_length
+    assert steps % num_blocks == 0
+    steps_per_block = steps // num_blocks
+    seq_len = x.shape[1]
+
+    for num_block in range(num_blocks):
+        block_start = prompt_len + num_block * block_length
+        block_end = block_start + block_length
+        block_mask_index = x[:, block_start:block_end] == mask_id
+        num_transfer_tokens = get_num_transfer_tokens(block_mask_index, steps_per_block)
+        for i in range(steps_per_block):
+            step = num_block * steps_per_block + i
+            mask_index = x == mask_id
+            if cfg_scale > 0.:
+                un_x = x.clone()
+                un_x[prompt_index] = mask_id
+                x_ = torch.cat([x, un_x], dim=0)
+                mask_ = None if attention_mask is None else torch.cat([attention_mask] * 2, dim=0)
+                logits = model_logits(model, x_, mask_)
+                logits, un_logits = torch.chunk(logits, 2, dim=0)
+                logits = un_logits + (cfg_scale + 1) * (logits - un_logits)
+            else:
+                logits = model_logits(model, x, attention_mask)
+
+            if logits_eos_inf:
+                logits[:, :, eos_id] = -torch.inf
+
+            vocab = logits.shape[-1]
+            logits_with_noise = add_gumbel_noise(
+                logits, temperature,
+                lambda: draws.gumbel(step, 0, seq_len, batch, vocab, device))
+            x0 = torch.argmax(logits_with_noise, dim=-1)  # (B, L)
+
+            if confidence_eos_eot_inf:
+                # After x0 was chosen. At temperature 0 the two names are one tensor, so both
+                # ids leave the softmax; at temperature > 0 only the EoT id does.
+                logits_with_noise[:, :, eos_id] = logits[:, :, eot_id] = -torch.inf
+
+            if remasking == 'low_confidence':
+                p = F.softmax(logits, dim=-1)  # in the logits' dtype
+                x0_p = torch.gather(p, dim=-1, index=x0.unsqueeze(-1)).squeeze(-1)
+            elif remasking == 'random':
+                x0_p = draws.remask(step, 0, seq_len, batch, device)
+            else:
+                raise NotImplementedError(remasking)
+
+            x0_p[:, block_end:] = -torch.inf
+            x0 = torch.where(mask_index, x0, x)
+            confidence = torch.where(mask_index, x0_p, -torch.inf)
+
+            transfer_index = torch.zeros_like(x0, dtype=torch.bool)
+            for j in range(confidence.shape[0]):
+                select_index = topk_lowest_position(confidence[j], int(num_transfer_tokens[j, i]))
+                transfer_index[j, select_index] = True
+            x[transfer_index] = x0[transfer_index]
+
+    return x

@@ -1,0 +1,110 @@
+"""Torch backend of the two per-step ops: sample (x0 and its confidence) and select transfer.
+
+Both ops reproduce the reference's arithmetic exactly (same torch ops in the same dtypes), but
+only on the rows of the current block and in chunks of rows, so no ``(B, L, V)`` float64
+tensor is ever built. They run on any device and are the oracle of the Triton/CUDA kernels.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+# Upper bound on the elements of one float64 temporary at temperature > 0 (64 MiB).
+_MAX_CHUNK_ELEMENTS = 8 * 2**20
+
+
+def combine_cfg(logits: torch.Tensor, un_logits: Optional[torch.Tensor],
+                cfg_scale: float) -> torch.Tensor:
+    """Classifier-free guidance as the reference computes it, in the logits' dtype."""
+    if un_logits is None:
+        return logits
+    return un_logits + (cfg_scale + 1) * (logits - un_logits)
+
+
+def gumbel_argmax_confidence(
+    logits: torch.Tensor,
+    *,
+    temperature: float,
+    remasking: str,
+    un_logits: Optional[torch.Tensor] = None,
+    cfg_scale: float = 0.0,
+    logits_eos_inf: bool = False,
+    confidence_eos_eot_inf: bool = False,
+    eos_id: int = 126081,
+    eot_id: int = 126348,
+    gumbel_uniform: Optional[Callable[[int, int], torch.Tensor]] = None,
+    remask_uniform: Optional[Callable[[int, int], torch.Tensor]] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Chooses a token per position and scores it, exactly as the reference does.
+
+    Args:
+        logits: ``(B, N, V)`` float logits of the N positions to sample (any row strides);
+            with CFG, the conditional half.
+        un_logits: ``(B, N, V)`` unconditional logits for CFG, or ``None``.
+        gumbel_uniform: ``f(a, b)`` -> float64 ``U(0,1)`` of shape ``(B, b - a, V)`` for
+            positions ``a:b`` of the N; needed when ``temperature > 0``.
+        remask_uniform: ``f(a, b)`` -> float32 ``U(0,1)`` ``(B, b - a)``; needed for
+            ``remasking='random'``.
+    Returns:
+        ``x0``: int64 ``(B, N)``, the argmax of the (Gumbel-perturbed) logits;
+        ``confidence``: ``(B, N)``, the softmax probability of ``x0`` in the logits' dtype
+        (``low_confidence``) or a float32 uniform draw (``random``).
+    """
+    batch, num_pos, vocab = logits.shape
+    rows_per_chunk = max(1, _MAX_CHUNK_ELEMENTS // (batch * vocab))
+    x0 = torch.empty((batch, num_pos), dtype=torch.long, device=logits.device)
+    confidence = torch.empty((batch, num_pos),
+                             dtype=logits.dtype if remasking == "low_confidence" else torch.float32,
+                             device=logits.device)
+    for a in range(0, num_pos, rows_per_chunk):
+        b = min(a + rows_per_chunk, num_pos)
+        chunk = logits[:, a:b]
+        if un_logits is not None:
+            chunk = combine_cfg(chunk, un_logits[:, a:b], cfg_scale)
+        elif logits_eos_inf or confidence_eos_eot_inf:
+            chunk = chunk.clone()  # the EOS options write -inf: never into the caller's logits
+        if logits_eos_inf:
+            chunk[:, :, eos_id] = -torch.inf
+
+        if temperature == 0:
+            x0[:, a:b] = torch.argmax(chunk, dim=-1)
+        else:
+            # The reference's float64 formula exp(l) / (-log u) ** T, done in place.
+            gumbel = torch.log(gumbel_uniform(a, b)).neg_()
+            if temperature != 1:  # x ** 1 == x exactly: skip the pow
+                gumbel.pow_(temperature)
+            x0[:, a:b] = torch.argmax(chunk.to(torch.float64).exp_().div_(gumbel), dim=-1)
+            del gumbel
+
+        if confidence_eos_eot_inf:
+            # The reference's quirk: after x0 is chosen, EoT leaves the softmax, and so does
+            # EOS at temperature 0 (where the noised logits are the logits themselves).
+            chunk[:, :, eot_id] = -torch.inf
+            if temperature == 0:
+                chunk[:, :, eos_id] = -torch.inf
+
+        if remasking == "low_confidence":
+            p = F.softmax(chunk, dim=-1)
+            confidence[:, a:b] = torch.gather(p, -1, x0[:, a:b, None]).squeeze(-1)
+            del p
+        else:
+            confidence[:, a:b] = remask_uniform(a, b)
+    return x0, confidence
+
+
+def select_transfer(confidence: torch.Tensor, num_transfer: torch.Tensor) -> torch.Tensor:
+    """Per row, marks the ``num_transfer[j]`` highest confidences; ties go to the lowest position.
+
+    Args:
+        confidence: ``(B, N)`` float; positions that must not transfer hold ``-inf``.
+        num_transfer: int64 ``(B,)``, at most the number of finite entries of each row.
+    Returns:
+        bool ``(B, N)`` transfer mask. One batched sort, no loop over rows, no host sync.
+    """
+    batch, num_pos = confidence.shape
+    order = torch.sort(confidence, dim=-1, descending=True, stable=True).indices
+    positions = torch.arange(num_pos, device=confidence.device).expand(batch, num_pos)
+    rank = torch.empty_like(order).scatter_(1, order, positions)
+    return rank < num_transfer[:, None]

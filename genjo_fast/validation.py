@@ -1,0 +1,86 @@
+"""Checks at the public boundary: bad input fails here with an error naming the argument."""
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+import torch
+
+REMASKING_MODES = ("low_confidence", "random")
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_float(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not value >= 0:  # also rejects NaN
+        raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def check_generate_args(prompt, attention_mask, steps, gen_length, block_length, temperature,
+                        cfg_scale, remasking, mask_id, token_ids: dict) -> None:
+    """Validates the arguments of ``generate`` that do not need the model.
+
+    ``token_ids`` maps argument names (``eos_id``...) to the special ids in use.
+    """
+    if not isinstance(prompt, torch.Tensor):
+        raise TypeError(f"prompt must be a torch.Tensor, got {type(prompt).__name__}")
+    if prompt.dim() != 2:
+        raise ValueError(f"prompt must have shape (batch, prompt_length), got {tuple(prompt.shape)}")
+    if prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool:
+        raise TypeError(f"prompt must hold integer token ids, got dtype {prompt.dtype}")
+    if prompt.shape[0] == 0:
+        raise ValueError("prompt has an empty batch")
+    for name, value in (("steps", steps), ("gen_length", gen_length),
+                        ("block_length", block_length)):
+        _check_int(name, value, 1)
+    for name, value in token_ids.items():
+        _check_int(name, value, 0)
+    _check_int("mask_id", mask_id, 0)
+    _check_float("temperature", temperature)
+    _check_float("cfg_scale", cfg_scale)
+    if remasking not in REMASKING_MODES:
+        raise ValueError(f"remasking must be one of {REMASKING_MODES}, got {remasking!r}")
+    if gen_length % block_length != 0:
+        raise ValueError(f"gen_length ({gen_length}) must be a multiple of "
+                         f"block_length ({block_length})")
+    num_blocks = gen_length // block_length
+    if steps % num_blocks != 0:
+        raise ValueError(f"steps ({steps}) must be a multiple of the number of blocks "
+                         f"gen_length // block_length = {num_blocks}")
+
+    real = torch.ones_like(prompt, dtype=torch.bool)
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError("attention_mask must be a torch.Tensor or None, got "
+                            f"{type(attention_mask).__name__}")
+        if attention_mask.shape != prompt.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal the "
+                             f"prompt shape {tuple(prompt.shape)}")
+        if attention_mask.device != prompt.device:
+            raise ValueError(f"attention_mask is on {attention_mask.device} but prompt is on "
+                             f"{prompt.device}")
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 and 1")
+        real = attention_mask.bool()
+    if bool((prompt == mask_id).any()):
+        where = "real tokens" if bool(((prompt == mask_id) & real).any()) else "padding"
+        raise ValueError(f"prompt contains mask_id={mask_id} in its {where}: the mask id marks "
+                         "positions to generate; pad with another id (e.g. EOS)")
+
+
+def check_vocab_size(vocab_size: Optional[int], mask_id: int, token_ids: dict,
+                     source: str) -> None:
+    """Every special id in use must be a valid index into the model's vocabulary."""
+    if vocab_size is None:
+        return
+    for name, value in {"mask_id": mask_id, **token_ids}.items():
+        if value >= vocab_size:
+            raise ValueError(f"{name}={value} is outside the model vocabulary "
+                             f"({source} = {vocab_size})")
