@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import torch
 
 from .backends import resolve_backend
-from .draws import Draws, TorchDraws
+from .draws import Draws
 from .reference import EOS_ID, EOT_ID, MASK_ID
 from .validation import check_generate_args, check_vocab_size
 
@@ -194,7 +194,6 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
 
     device = model_device(model, prompt.device)
     ops = resolve_backend(backend, device)
-    draws = draws if draws is not None else TorchDraws(generator)
     batch, prompt_len = prompt.shape
     x = torch.full((batch, prompt_len + gen_length), mask_id, dtype=torch.long, device=device)
     x[:, :prompt_len] = prompt.to(device)
@@ -227,10 +226,8 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
                 logits, un_logits=un_logits, cfg_scale=cfg_scale, temperature=temperature,
                 remasking=remasking, logits_eos_inf=logits_eos_inf,
                 confidence_eos_eot_inf=confidence_eos_eot_inf, eos_id=eos_id, eot_id=eot_id,
-                gumbel_uniform=lambda a, b: draws.gumbel(step, start + a, start + b, batch,
-                                                         logits.shape[-1], device),
-                remask_uniform=lambda a, b: draws.remask(step, start + a, start + b, batch,
-                                                         device))
+                generator=generator,
+                **_injected(draws, step, start, batch, logits.shape[-1], device))
             x_block = x[:, start:stop]
             confidence = confidence.masked_fill(x_block != mask_id, -torch.inf)
             num_transfer = torch.full((batch,), k, dtype=torch.long, device=device)
@@ -241,6 +238,18 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
     if bar is not None:
         bar.close()
     return x
+
+
+def _injected(draws: Optional[Draws], step: int, start: int, batch: int, vocab: int,
+              device: torch.device) -> dict:
+    """The sampler's draw callbacks for block positions ``start + a : start + b``; none
+    without ``draws`` (the sampler then draws from ``generator``)."""
+    if draws is None:
+        return {}
+    return dict(
+        gumbel_uniform=lambda a, b: draws.gumbel(step, start + a, start + b, batch, vocab,
+                                                 device),
+        remask_uniform=lambda a, b: draws.remask(step, start + a, start + b, batch, device))
 
 
 def _progress_bar(enabled: bool, total: int):

@@ -36,6 +36,7 @@ def gumbel_argmax_confidence(
     eot_id: int = 126348,
     gumbel_uniform: Optional[Callable[[int, int], torch.Tensor]] = None,
     remask_uniform: Optional[Callable[[int, int], torch.Tensor]] = None,
+    generator: Optional[torch.Generator] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Chooses a token per position and scores it, exactly as the reference does.
 
@@ -44,9 +45,14 @@ def gumbel_argmax_confidence(
             with CFG, the conditional half.
         un_logits: ``(B, N, V)`` unconditional logits for CFG, or ``None``.
         gumbel_uniform: ``f(a, b)`` -> float64 ``U(0,1)`` of shape ``(B, b - a, V)`` for
-            positions ``a:b`` of the N; needed when ``temperature > 0``.
-        remask_uniform: ``f(a, b)`` -> float32 ``U(0,1)`` ``(B, b - a)``; needed for
-            ``remasking='random'``.
+            positions ``a:b`` of the N. When given (temperature > 0), x0 is computed with the
+            reference's own formula on these draws, so it equals the reference's choice for the
+            same draws. When ``None``, x0 is drawn from the same distribution,
+            ``softmax(logits / T)``, by inverse-CDF sampling in float64 with one uniform per
+            position from ``generator`` (much cheaper than a float64 uniform per logit).
+        remask_uniform: ``f(a, b)`` -> float32 ``U(0,1)`` ``(B, b - a)`` for
+            ``remasking='random'``; when ``None``, drawn from ``generator``.
+        generator: ``torch.Generator`` of the draws made here, or ``None`` (global RNG).
     Returns:
         ``x0``: int64 ``(B, N)``, the argmax of the (Gumbel-perturbed) logits;
         ``confidence``: ``(B, N)``, the softmax probability of ``x0`` in the logits' dtype
@@ -70,6 +76,8 @@ def gumbel_argmax_confidence(
 
         if temperature == 0:
             x0[:, a:b] = torch.argmax(chunk, dim=-1)
+        elif gumbel_uniform is None:
+            x0[:, a:b] = sample_categorical(chunk, temperature, generator)
         else:
             # The reference's float64 formula exp(l) / (-log u) ** T, done in place.
             gumbel = torch.log(gumbel_uniform(a, b)).neg_()
@@ -89,9 +97,31 @@ def gumbel_argmax_confidence(
             p = F.softmax(chunk, dim=-1)
             confidence[:, a:b] = torch.gather(p, -1, x0[:, a:b, None]).squeeze(-1)
             del p
+        elif remask_uniform is None:
+            confidence[:, a:b] = torch.rand((batch, b - a), device=logits.device,
+                                            generator=generator)
         else:
             confidence[:, a:b] = remask_uniform(a, b)
     return x0, confidence
+
+
+def sample_categorical(logits: torch.Tensor, temperature: float,
+                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One sample per row from ``softmax(logits / temperature)``, by inverse CDF in float64.
+
+    The distribution of the reference's float64 Gumbel-max, from one uniform per row instead of
+    one per logit. Args: logits ``(..., V)``. Returns int64 ``(...)``.
+    """
+    weights = logits.to(torch.float64)
+    weights = weights.sub_(weights.amax(-1, keepdim=True))
+    if temperature != 1:
+        weights.div_(temperature)
+    cdf = torch.cumsum(weights.exp_(), -1, out=weights)  # (..., V), unnormalised
+    u = torch.rand(cdf.shape[:-1] + (1,), dtype=torch.float64, device=logits.device,
+                   generator=generator)
+    # right=True skips zero-probability ids (equal consecutive cdf values); u < total.
+    index = torch.searchsorted(cdf, u.mul_(cdf[..., -1:]), right=True).squeeze(-1)
+    return index.clamp_(max=logits.shape[-1] - 1)
 
 
 def select_transfer(confidence: torch.Tensor, num_transfer: torch.Tensor) -> torch.Tensor:

@@ -66,3 +66,24 @@ def test_no_full_float64_tensor(monkeypatch):
     sampling.gumbel_argmax_confidence(torch.randn(2, 5, 101), temperature=1.0,
                                       remasking="low_confidence", gumbel_uniform=uniform)
     assert shapes == [1] * 5
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_default_sampling_frequencies(temperature):
+    """Without injected draws, x0 follows softmax(logits / T) (support and frequencies),
+    including -inf logits (EOS forbidden), and a seeded generator reproduces it."""
+    vocab, n = 7, 20000
+    base = torch.tensor([0.3, -1.0, 2.0, 0.0, 1.1, -0.4, 0.9])
+    logits = base.expand(1, n, vocab).clone()
+    kw = dict(temperature=temperature, remasking="low_confidence", logits_eos_inf=True, eos_id=2)
+    x0, _ = sampling.gumbel_argmax_confidence(logits, generator=torch.Generator().manual_seed(0),
+                                              **kw)
+    again, _ = sampling.gumbel_argmax_confidence(logits,
+                                                 generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(x0, again)
+    freq = torch.bincount(x0.flatten(), minlength=vocab).double() / n
+    masked = base.double().clone()
+    masked[2] = -torch.inf
+    expected = torch.softmax(masked / temperature, 0)
+    assert freq[2] == 0
+    assert torch.all((freq - expected).abs() <= 4 * (expected * (1 - expected) / n).sqrt() + 1e-4)
