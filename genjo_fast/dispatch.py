@@ -28,20 +28,22 @@ class Registry:
     def __init__(self, what: str, env_var: str):
         self.what = what
         self.env_var = env_var
-        self._backends: Dict[str, Tuple[Any, Callable[[torch.device], Optional[str]]]] = {}
+        self._backends: Dict[str, Tuple[Any, Callable[..., Optional[str]]]] = {}
         self._logged = set()
 
     def register(self, name: str, impl: Any,
-                 check: Callable[[torch.device], Optional[str]] = lambda device: None) -> None:
-        """Adds a backend, most preferred first. ``check(device)`` returns ``None`` when the
-        backend can run on ``device``, else the reason it cannot."""
+                 check: Callable[..., Optional[str]] = lambda device, *inputs: None) -> None:
+        """Adds a backend, most preferred first. ``check(device, *inputs)`` returns ``None``
+        when the backend can run on ``device`` (and on these inputs, when the caller passes
+        them), else the reason it cannot."""
         self._backends[name] = (impl, check)
 
     def names(self) -> Tuple[str, ...]:
         return tuple(self._backends)
 
-    def resolve(self, requested: Optional[str], device: torch.device) -> Tuple[str, Any]:
-        """Returns ``(name, impl)`` of the backend to use on ``device``."""
+    def resolve(self, requested: Optional[str], device: torch.device,
+                *inputs: Any) -> Tuple[str, Any]:
+        """Returns ``(name, impl)`` of the backend to use on ``device`` for ``inputs``."""
         name = requested if requested is not None else os.environ.get(self.env_var, "auto")
         source = self.what if requested is not None else self.env_var
         if name != "auto" and name not in self._backends:
@@ -49,12 +51,12 @@ class Registry:
                              f"{self.names()}")
         if name != "auto":
             impl, check = self._backends[name]
-            reason = check(device)
+            reason = check(device, *inputs)
             if reason is not None:
                 raise RuntimeError(f"{source}={name!r} was requested but is unavailable: {reason}")
             return name, impl
         for candidate, (impl, check) in self._backends.items():
-            reason = check(device)
+            reason = check(device, *inputs)
             if reason is None:
                 return candidate, impl
             if (candidate, device.type) not in self._logged:

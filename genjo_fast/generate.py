@@ -29,6 +29,7 @@ import torch
 
 from .backends import resolve_backend
 from .draws import Draws
+from .models import LLaDAModel, from_reference, is_llada
 from .reference import EOS_ID, EOT_ID, MASK_ID
 from .validation import check_generate_args, check_vocab_size
 
@@ -141,7 +142,7 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
              confidence_eos_eot_inf: bool = False, *,
              eos_id: int = EOS_ID, eot_id: int = EOT_ID,
              generator: Optional[torch.Generator] = None, draws: Optional[Draws] = None,
-             backend: Optional[str] = None,
+             backend: Optional[str] = None, fast_model: bool = True,
              observer: Optional[Callable[[StepEvent], None]] = None,
              progress: bool = False) -> torch.Tensor:
     """Masked-diffusion sampling, a drop-in replacement for the reference ``generate``.
@@ -178,6 +179,10 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
         draws: a :class:`~genjo_fast.draws.Draws` source of the uniform draws (e.g. the same
             :class:`~genjo_fast.draws.TensorDraws` handed to the reference).
         backend: ``'auto'`` or ``'torch'``; default from ``GENJO_FAST_BACKEND``, else ``'auto'``.
+        fast_model: when ``model`` is a reference LLaDA model loaded through transformers
+            (``config.model_type == "llada"``), run genjo_fast's own implementation on the
+            same parameter tensors (no copy). ``False`` keeps the model's own forward (bitwise
+            parity with the reference at bf16, at the reference's speed).
         observer: called with a :class:`StepEvent` after every step (streaming, visualisation).
         progress: show a progress bar over the steps (needs ``tqdm``).
     Returns:
@@ -192,6 +197,8 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
                         cfg_scale, remasking, mask_id, token_ids)
     check_vocab_size(model_vocab_size(model), mask_id, token_ids, "the model's vocab_size")
 
+    if fast_model and is_llada(model) and not isinstance(model, LLaDAModel):
+        model = from_reference(model)
     device = model_device(model, prompt.device)
     ops = resolve_backend(backend, device)
     batch, prompt_len = prompt.shape

@@ -1,0 +1,301 @@
+"""Checkpoints for :class:`~genjo_fast.models.llada.LLaDAModel` and the reference adapter.
+
+* :func:`load_llada` reads a local reference-format directory (``config.json`` plus
+  ``model.safetensors``, sharded safetensors with ``model.safetensors.index.json``, or
+  ``pytorch_model.bin`` with or without an index). Pickled ``.bin`` files are only ever read
+  with ``torch.load(weights_only=True)``.
+* :func:`save_llada` writes the same format (safetensors, optionally sharded).
+* :func:`from_reference` wraps the weights of a reference ``LLaDAModelLM`` that was loaded
+  through transformers, sharing its parameter tensors (no copy).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from .llada import LLaDAConfig, LLaDAModel
+
+PathLike = Union[str, os.PathLike]
+
+CONFIG_NAME = "config.json"
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_INDEX_NAME = "model.safetensors.index.json"
+BIN_WEIGHTS_NAME = "pytorch_model.bin"
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+
+# Keys some checkpoints carry that are not weights of the architecture (recomputed RoPE
+# frequencies / tables); they are skipped instead of reported as unexpected.
+_HARMLESS_KEY = re.compile(r"(^|\.)(rotary_emb\.)?(inv_freq|rope_pos_(sin|cos)|"
+                           r"cos_cached|sin_cached)$")
+
+
+def is_llada(module) -> bool:
+    """True when ``module.config.model_type == "llada"`` (a reference or genjo_fast model)."""
+    return getattr(getattr(module, "config", None), "model_type", None) == "llada"
+
+
+# --------------------------------------------------------------------------------------------
+# Shape and key checks shared by loading and adapting
+# --------------------------------------------------------------------------------------------
+
+def _expected_shapes(model: LLaDAModel) -> Dict[str, Tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def _check_tensor(key: str, found: Tuple[int, ...], expected: Dict[str, Tuple[int, ...]]) -> None:
+    if tuple(found) != expected[key]:
+        raise ValueError(f"{key}: expected shape {expected[key]}, found {tuple(found)}")
+
+
+def _check_complete(found: List[str], expected: Dict[str, Tuple[int, ...]], source: str) -> None:
+    found = set(found)
+    missing = [k for k in expected if k not in found]
+    if missing:
+        raise ValueError(f"{source} lacks {len(missing)} weight(s): {', '.join(missing)}")
+
+
+def _unexpected_error(keys: List[str], source: str) -> ValueError:
+    return ValueError(f"{source} has unexpected weight(s) for this config: {', '.join(keys)}")
+
+
+def _build_meta(config: LLaDAConfig) -> LLaDAModel:
+    """The module tree without allocating weights (they are assigned afterwards)."""
+    with torch.device("meta"):
+        return LLaDAModel(config)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+def _shard_files(directory: Path, index_name: str) -> List[Path]:
+    """The distinct files an index's ``weight_map`` names, checked to lie in ``directory``."""
+    with open(directory / index_name) as f:
+        weight_map = json.load(f).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{directory / index_name} has no weight_map")
+    files = []
+    for name in dict.fromkeys(weight_map.values()):
+        if Path(name).name != name:  # no sub-paths: an index must not point elsewhere
+            raise ValueError(f"{index_name} names a file outside the checkpoint: {name!r}")
+        files.append(directory / name)
+    return files
+
+
+def _weight_files(directory: Path) -> Tuple[str, List[Path]]:
+    """``("safetensors" | "bin", files)``; safetensors are preferred, as in transformers."""
+    if (directory / SAFE_WEIGHTS_NAME).is_file():
+        return "safetensors", [directory / SAFE_WEIGHTS_NAME]
+    if (directory / SAFE_INDEX_NAME).is_file():
+        return "safetensors", _shard_files(directory, SAFE_INDEX_NAME)
+    if (directory / BIN_WEIGHTS_NAME).is_file():
+        return "bin", [directory / BIN_WEIGHTS_NAME]
+    if (directory / BIN_INDEX_NAME).is_file():
+        return "bin", _shard_files(directory, BIN_INDEX_NAME)
+    raise FileNotFoundError(f"no {SAFE_WEIGHTS_NAME}, {SAFE_INDEX_NAME}, {BIN_WEIGHTS_NAME} or "
+                            f"{BIN_INDEX_NAME} in {directory}")
+
+
+def _read_safetensors(file: Path, expected) -> Iterator[Tuple[str, Optional[torch.Tensor]]]:
+    """Yields ``(key, tensor)``; shapes are checked from the header before reading data.
+    Unknown keys are yielded with ``None`` (their data is never read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt", device="cpu") as f:
+        for key in f.keys():
+            if key not in expected:
+                yield key, None
+                continue
+            _check_tensor(key, f.get_slice(key).get_shape(), expected)
+            yield key, f.get_tensor(key)
+
+
+def _read_bin(file: Path, expected) -> Iterator[Tuple[str, Optional[torch.Tensor]]]:
+    """Yields ``(key, tensor)`` of a pickled state dict, read with ``weights_only=True`` only
+    (plain tensors and containers; arbitrary objects are refused by torch.load)."""
+    try:  # memory-mapped: tensors are paged in as they are cast and moved
+        state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
+        state = torch.load(str(file), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{file} does not hold a state dict (found {type(state).__name__})")
+    for key, tensor in state.items():
+        if key not in expected:
+            yield key, None
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{file}: {key} is a {type(tensor).__name__}, not a tensor")
+        _check_tensor(key, tensor.shape, expected)
+        yield key, tensor
+
+
+def load_llada(path: PathLike, dtype: torch.dtype = torch.bfloat16,
+               device: Union[str, torch.device] = "cpu") -> LLaDAModel:
+    """Loads a reference-format LLaDA checkpoint directory into a :class:`LLaDAModel`.
+
+    The model is built on the meta device and every tensor is read once, cast to ``dtype``
+    and moved to ``device`` one at a time (peak extra memory: one tensor).
+
+    Args:
+        path: local directory with ``config.json`` and the weights.
+        dtype: parameter dtype (bfloat16 like the reference's inference setup).
+        device: where the parameters go.
+    Returns:
+        The model in eval mode with ``requires_grad`` off.
+    Raises:
+        ValueError: a weight is missing, unexpected, or misshapen (the message names the key,
+            and for shapes the expected and the found shape).
+        NotImplementedError: the config uses a flag this implementation does not support.
+        FileNotFoundError: no config or weights in ``path``.
+    """
+    directory = Path(path)
+    with open(directory / CONFIG_NAME) as f:
+        config = LLaDAConfig.from_dict(json.load(f))
+    model = _build_meta(config)
+    expected = _expected_shapes(model)
+    kind, files = _weight_files(directory)
+    read = _read_safetensors if kind == "safetensors" else _read_bin
+
+    tensors: Dict[str, torch.Tensor] = {}
+    unexpected: List[str] = []
+    for file in files:
+        for key, tensor in read(file, expected):
+            if tensor is None:
+                if not _HARMLESS_KEY.search(key):
+                    unexpected.append(key)
+                continue
+            tensors[key] = tensor.to(device=device, dtype=dtype)
+    if unexpected:
+        raise _unexpected_error(unexpected, str(directory))
+    _check_complete(list(tensors), expected, str(directory))
+    model.load_state_dict(tensors, strict=True, assign=True)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------
+
+def _shards(state: Dict[str, torch.Tensor], max_bytes: Optional[int]) -> List[List[str]]:
+    """Keys grouped in order into shards of at most ``max_bytes`` (a larger tensor alone)."""
+    if max_bytes is None:
+        return [list(state)]
+    shards: List[List[str]] = [[]]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    return shards
+
+
+def save_llada(model: LLaDAModel, path: PathLike, max_shard_bytes: Optional[int] = None) -> None:
+    """Writes ``model`` as a reference-format checkpoint directory.
+
+    Files: ``config.json`` (reference field names, ``model_type`` ``"llada"``, architectures
+    ``["LLaDAModelLM"]``, ``torch_dtype``) and ``model.safetensors``, or, when
+    ``max_shard_bytes`` is given, ``model-0000i-of-0000n.safetensors`` shards with a
+    ``model.safetensors.index.json``. The directory must not already hold weights (a stale
+    file could be picked up instead of the new ones).
+
+    The config has no ``auto_map``: loading it with transformers' ``trust_remote_code`` needs
+    the reference's code files copied next to it.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    stale = [p.name for p in directory.iterdir()
+             if p.name in (SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME, BIN_WEIGHTS_NAME, BIN_INDEX_NAME)
+             or re.fullmatch(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)", p.name)]
+    if stale:
+        raise FileExistsError(f"{directory} already holds weights: {', '.join(sorted(stale))}")
+
+    config = model.config.to_dict()
+    config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    with open(directory / CONFIG_NAME, "w") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+
+    state = model.state_dict()
+    shards = _shards(state, max_shard_bytes)
+    names = ([SAFE_WEIGHTS_NAME] if max_shard_bytes is None else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for name, keys in zip(names, shards):
+        # One shard at a time on the host, so a GPU model never needs a full host copy.
+        save_file({k: state[k].detach().to("cpu").contiguous() for k in keys},
+                  str(directory / name), metadata={"format": "pt"})
+    if max_shard_bytes is not None:
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+            "weight_map": {k: name for name, keys in zip(names, shards) for k in keys},
+        }
+        with open(directory / SAFE_INDEX_NAME, "w") as f:
+            json.dump(index, f, indent=2)
+            f.write("\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Adapter for a transformers-loaded reference model
+# --------------------------------------------------------------------------------------------
+
+def _config_dict(config) -> dict:
+    to_dict = getattr(config, "to_dict", None)
+    values = dict(to_dict() if callable(to_dict) else vars(config))
+    values.setdefault("model_type", getattr(config, "model_type", None))
+    return values
+
+
+def from_reference(module: nn.Module) -> LLaDAModel:
+    """A :class:`LLaDAModel` whose parameters ARE ``module``'s (same ``nn.Parameter`` objects,
+    same storage: no extra weight memory).
+
+    Args:
+        module: the reference ``LLaDAModelLM`` as loaded through transformers
+            (``config.model_type == "llada"``, parameters named ``model.transformer...``), or
+            its inner model (parameters named ``transformer...``).
+    Returns:
+        The adapted model in eval mode, on ``module``'s device and dtype. Changing one
+        model's weights in place changes the other's.
+    Raises:
+        ValueError: not a LLaDA module, parameters missing/unexpected/misshapen, or spread
+            over several devices or dtypes (e.g. a ``device_map`` with offloading).
+        NotImplementedError: the config uses a flag this implementation does not support.
+    """
+    if not is_llada(module):
+        raise ValueError("not a LLaDA model: module.config.model_type is "
+                         f"{getattr(getattr(module, 'config', None), 'model_type', None)!r}")
+    config = LLaDAConfig.from_dict(_config_dict(module.config))
+    params = dict(module.named_parameters(remove_duplicate=False))
+    if params and all(name.startswith("transformer.") for name in params):
+        params = {"model." + name: p for name, p in params.items()}
+
+    model = _build_meta(config)
+    expected = _expected_shapes(model)
+    unexpected = [k for k in params if k not in expected]
+    if unexpected:
+        raise _unexpected_error(unexpected, type(module).__name__)
+    _check_complete(list(params), expected, type(module).__name__)
+    placements = {(p.device, p.dtype) for p in params.values()}
+    if len(placements) != 1 or next(iter(placements))[0].type == "meta":
+        raise ValueError("the reference's parameters must all be materialised on one device "
+                         f"with one dtype; found {sorted(map(str, placements))}")
+    for key, param in params.items():
+        _check_tensor(key, param.shape, expected)
+        owner_name, _, leaf = key.rpartition(".")
+        # Registering the very Parameter object shares storage and leaves its flags alone.
+        setattr(model.get_submodule(owner_name), leaf, param)
+    return model.eval()
+
+
+__all__ = ["load_llada", "save_llada", "from_reference", "is_llada"]
