@@ -52,6 +52,26 @@ def topk_lowest_position(confidence: torch.Tensor, k: int) -> torch.Tensor:
     return order[:k]
 
 
+def threshold_transfer_row(confidence: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Threshold decoding for one row (Fast-dLLM): the most confident position, plus every
+    other one whose confidence is >= threshold. ``-inf`` entries are never chosen.
+    Returns the chosen indices."""
+    order = topk_lowest_position(confidence, int((confidence > -torch.inf).sum()))
+    return torch.stack([i for n, i in enumerate(order) if n == 0 or confidence[i] >= threshold]
+                       ) if len(order) else order
+
+
+def factor_transfer_row(confidence: torch.Tensor, factor: float) -> torch.Tensor:
+    """Factor decoding for one row (Fast-dLLM): with the confidences sorted in decreasing
+    order, the largest prefix of n >= 1 positions whose n-th confidence is
+    >= 1 - factor / (n + 1). ``-inf`` entries are never chosen. Returns the chosen indices."""
+    order = topk_lowest_position(confidence, int((confidence > -torch.inf).sum()))
+    n = 0
+    while n < len(order) and (n == 0 or confidence[order[n]] >= 1 - factor / (n + 2)):
+        n += 1
+    return order[:n]
+
+
 def add_gumbel_noise(logits: torch.Tensor, temperature: float, uniform) -> torch.Tensor:
     """The reference's Gumbel-max perturbation, in float64.
 

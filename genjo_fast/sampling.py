@@ -124,17 +124,43 @@ def sample_categorical(logits: torch.Tensor, temperature: float,
     return index.clamp_(max=logits.shape[-1] - 1)
 
 
-def select_transfer(confidence: torch.Tensor, num_transfer: torch.Tensor) -> torch.Tensor:
-    """Per row, marks the ``num_transfer[j]`` highest confidences; ties go to the lowest position.
+def select_transfer(confidence: torch.Tensor, num_transfer: Optional[torch.Tensor] = None, *,
+                    threshold: Optional[float] = None,
+                    factor: Optional[float] = None) -> torch.Tensor:
+    """Marks the positions to unmask, per row, for the whole batch at once.
+
+    Exactly one rule is given:
+
+    * ``num_transfer`` (int64 ``(B,)``): the ``num_transfer[j]`` highest confidences of row
+      ``j`` (the reference's schedule; at most the number of finite entries);
+    * ``threshold``: the most confident position, plus every other one whose confidence is
+      ``>= threshold`` (Fast-dLLM's threshold decoding);
+    * ``factor``: with the row's confidences sorted in decreasing order ``c_1 >= c_2 >= ...``,
+      the largest prefix of ``n >= 1`` positions whose ``n``-th confidence satisfies
+      ``c_n >= 1 - factor / (n + 1)`` (Fast-dLLM's factor decoding).
+
+    Equal confidences are ordered by position, lowest first. Positions holding ``-inf`` (not
+    masked, or outside the block) are never selected; a row without any finite entry selects
+    nothing.
 
     Args:
-        confidence: ``(B, N)`` float; positions that must not transfer hold ``-inf``.
-        num_transfer: int64 ``(B,)``, at most the number of finite entries of each row.
+        confidence: ``(B, N)`` float.
     Returns:
         bool ``(B, N)`` transfer mask. One batched sort, no loop over rows, no host sync.
     """
+    if sum(rule is not None for rule in (num_transfer, threshold, factor)) != 1:
+        raise ValueError("select_transfer takes exactly one of num_transfer, threshold, factor")
     batch, num_pos = confidence.shape
     order = torch.sort(confidence, dim=-1, descending=True, stable=True).indices
-    positions = torch.arange(num_pos, device=confidence.device).expand(batch, num_pos)
-    rank = torch.empty_like(order).scatter_(1, order, positions)
-    return rank < num_transfer[:, None]
+    ranks = torch.arange(num_pos, device=confidence.device).expand(batch, num_pos)
+    rank = torch.empty_like(order).scatter_(1, order, ranks)  # rank of each position
+    candidate = confidence > -torch.inf
+    if num_transfer is not None:
+        return rank < num_transfer[:, None]
+    if threshold is not None:
+        return candidate & ((rank == 0) | (confidence >= threshold))
+    sorted_conf = torch.gather(confidence, 1, order)
+    passes = sorted_conf >= 1 - factor / (ranks + 2)  # rank r holds c_{r+1}
+    passes[:, 0] = True  # at least one position
+    prefix = passes.long().cumprod(1).sum(1, keepdim=True)  # n
+    return candidate & (rank < prefix)

@@ -47,6 +47,19 @@ class TinyBidirectionalLM(nn.Module):
         return SimpleNamespace(logits=self.lm_head(h))
 
 
+def random_llada(vocab_size: int, d_model: int = 64, n_heads: int = 4, n_kv_heads: int = 4,
+                 n_layers: int = 2, mlp_hidden_size: int = 128, max_len: int = 1024,
+                 seed: int = 0, dtype=torch.float32):
+    """A :class:`~genjo_fast.models.LLaDAModel` with random weights (PyTorch's default init)."""
+    from .models import LLaDAConfig, LLaDAModel
+
+    torch.manual_seed(seed)
+    config = LLaDAConfig(d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                         n_layers=n_layers, mlp_hidden_size=mlp_hidden_size,
+                         vocab_size=vocab_size, max_sequence_length=max_len)
+    return LLaDAModel(config).to(dtype)
+
+
 class FullLogitsOnly(nn.Module):
     """Hides ``logits_slice`` from a model: genjo_fast then treats it as a generic model that
     computes logits for every position (as HF models do)."""
