@@ -30,8 +30,10 @@ import torch
 from .backends import resolve_backend
 from .draws import Draws
 from .models import LLaDAModel, from_reference, is_llada
-from .reference import EOS_ID, EOT_ID, MASK_ID
-from .validation import check_generate_args, check_vocab_size
+from .reference import EOS_ID, EOT_ID, MASK_ID, init_sequence
+from .cache import CachedBlockLogits
+from .validation import (check_approximate_args, check_generate_args, check_vocab_size,
+                         check_cuda_graph_args)
 
 
 @dataclass
@@ -55,6 +57,15 @@ class StepEvent:
     x0: torch.Tensor
     confidence: torch.Tensor
     transfer: torch.Tensor
+
+
+@dataclass
+class GenerateStats:
+    """Counts of one generate call: ``nfe``, model forward passes, one per denoising step (a
+    CFG pair runs as one batch); ``full_forwards``, those over the whole sequence (with a
+    cache, the others run only the block, or the block and what follows)."""
+    nfe: int
+    full_forwards: int
 
 
 def transfer_schedule(num_masked: int, steps: int) -> list:
@@ -112,11 +123,10 @@ class BlockLogits:
         self.attention_mask = attention_mask
         if self.cfg and attention_mask is not None:
             self.attention_mask = torch.cat([attention_mask, attention_mask], dim=0)
-        self.vocab_checked = False
 
-    def __call__(self, x: torch.Tensor, start: int, stop: int):
+    def __call__(self, x: torch.Tensor, start: int, stop: int, full: bool = True):
         """Returns ``(logits, un_logits)``, each ``(B, stop - start, V)``; ``un_logits`` is
-        ``None`` without CFG."""
+        ``None`` without CFG. (``full`` is for the cached runner; every call here is full.)"""
         batch = x.shape[0]
         if self.cfg:
             x = torch.cat([x, x.masked_fill(self.prompt_index, self.mask_id)], dim=0)
@@ -143,8 +153,11 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
              eos_id: int = EOS_ID, eot_id: int = EOT_ID,
              generator: Optional[torch.Generator] = None, draws: Optional[Draws] = None,
              backend: Optional[str] = None, fast_model: bool = True,
+             cache: Optional[str] = None, refresh_every: Optional[int] = None,
+             threshold: Optional[float] = None, factor: Optional[float] = None,
+             cuda_graph: bool = False,
              observer: Optional[Callable[[StepEvent], None]] = None,
-             progress: bool = False) -> torch.Tensor:
+             progress: bool = False, return_stats: bool = False):
     """Masked-diffusion sampling, a drop-in replacement for the reference ``generate``.
 
     Same positional signature, defaults and result as the reference (``shared/LLADA_FACTS.md``).
@@ -183,10 +196,28 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
             (``config.model_type == "llada"``), run genjo_fast's own implementation on the
             same parameter tensors (no copy). ``False`` keeps the model's own forward (bitwise
             parity with the reference at bf16, at the reference's speed).
+        cache: APPROXIMATE, opt-in. ``"prefix"`` or ``"dual"`` block KV cache (Fast-dLLM's
+            semantics, see :mod:`genjo_fast.cache`); needs a LLaDA model. ``None``: exact.
+        refresh_every: with a cache, also run a full forward (refreshing the cache) every
+            this many steps of a block; ``1`` recomputes every step (exact again).
+        threshold: APPROXIMATE, opt-in parallel decoding: each step transfers, per row, the
+            most confident masked position plus every other one with confidence
+            ``>= threshold``, until the block is decoded (``steps`` then only sets nothing but
+            the validation). Rows that finish a block early stop changing.
+        factor: APPROXIMATE, opt-in: with the confidences sorted decreasingly, transfer the
+            largest prefix of ``n`` positions whose ``n``-th confidence is
+            ``>= 1 - factor / (n + 1)``. Exclusive with ``threshold``.
+        cuda_graph: capture the cached steps of each block in a CUDA graph and replay it
+            (static shapes within a block make it possible; removes the launch overhead).
+            Needs CUDA tensors, a LLaDA model and no injected ``draws``.
         observer: called with a :class:`StepEvent` after every step (streaming, visualisation).
+            With ``cuda_graph`` its tensors are the graph's outputs, overwritten by the next
+            replay.
         progress: show a progress bar over the steps (needs ``tqdm``).
+        return_stats: also return a :class:`GenerateStats` (model forwards, steps).
     Returns:
-        int64 ``(B, Lp + gen_length)``: the prompt followed by the generated tokens.
+        int64 ``(B, Lp + gen_length)``: the prompt followed by the generated tokens; with
+        ``return_stats``, the pair ``(tokens, GenerateStats)``.
     """
     token_ids = {}
     if logits_eos_inf or confidence_eos_eot_inf:
@@ -195,56 +226,131 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
         token_ids["eot_id"] = eot_id
     check_generate_args(prompt, attention_mask, steps, gen_length, block_length, temperature,
                         cfg_scale, remasking, mask_id, token_ids)
+    check_approximate_args(cache, refresh_every, threshold, factor)
     check_vocab_size(model_vocab_size(model), mask_id, token_ids, "the model's vocab_size")
 
     if fast_model and is_llada(model) and not isinstance(model, LLaDAModel):
         model = from_reference(model)
+    if cache is not None and not isinstance(model, LLaDAModel):
+        raise ValueError(f"cache={cache!r} needs a LLaDA model (genjo_fast.models.LLaDAModel or "
+                         f"a reference model with config.model_type 'llada' and "
+                         f"fast_model=True), got {type(model).__name__}")
     device = model_device(model, prompt.device)
+    if cuda_graph:
+        check_cuda_graph_args(model, device, draws)
     ops = resolve_backend(backend, device)
     batch, prompt_len = prompt.shape
-    x = torch.full((batch, prompt_len + gen_length), mask_id, dtype=torch.long, device=device)
-    x[:, :prompt_len] = prompt.to(device)
-    if attention_mask is not None:
-        attention_mask = attention_mask.to(device)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, gen_length))],
-                                   dim=-1)
-    block_logits = BlockLogits(model, attention_mask, x != mask_id, cfg_scale, mask_id)
+    x, attention_mask = init_sequence(prompt, attention_mask, gen_length, mask_id, device)
+    prompt_index = x != mask_id
+    if cache is None:
+        block_logits = BlockLogits(model, attention_mask, prompt_index, cfg_scale, mask_id)
+    else:
+        block_logits = CachedBlockLogits(model, cache, x, attention_mask, prompt_index,
+                                         cfg_scale, mask_id)
 
     num_blocks = gen_length // block_length
-    steps_per_block = steps // num_blocks
+    adaptive = threshold is not None or factor is not None
     # Every block starts fully masked (the prompt holds no mask and earlier blocks finish), so
     # the reference's per-row schedule is the same for all rows and known on the host.
+    steps_per_block = block_length if adaptive else steps // num_blocks
     schedule = transfer_schedule(block_length, steps_per_block)
-    bar = _progress_bar(progress, steps)
+    num_transfer = torch.empty((batch,), dtype=torch.long, device=device)
+    vocab_checked = False
+
+    def denoise_step(start: int, stop: int, step: int, full: bool):
+        """forward -> sample -> select -> update x in place; returns (x0, confidence, transfer)
+        of the block. Static shapes within a block: this is what a CUDA graph captures."""
+        nonlocal vocab_checked
+        logits, un_logits = block_logits(x, start, stop, full)
+        if not vocab_checked:
+            check_vocab_size(logits.shape[-1], mask_id, token_ids, "the logits' last dim")
+            vocab_checked = True
+        x0, confidence = ops.gumbel_argmax_confidence(
+            logits, un_logits=un_logits, cfg_scale=cfg_scale, temperature=temperature,
+            remasking=remasking, logits_eos_inf=logits_eos_inf,
+            confidence_eos_eot_inf=confidence_eos_eot_inf, eos_id=eos_id, eot_id=eot_id,
+            generator=generator, **_injected(draws, step, start, batch, logits.shape[-1], device))
+        x_block = x[:, start:stop]
+        confidence = confidence.masked_fill(x_block != mask_id, -torch.inf)
+        if adaptive:
+            transfer = ops.select_transfer(confidence, threshold=threshold, factor=factor)
+        else:
+            transfer = ops.select_transfer(confidence, num_transfer)
+        x[:, start:stop] = torch.where(transfer, x0, x_block)
+        return x0, confidence, transfer
+
+    bar = _progress_bar(progress, None if adaptive else steps)
+    nfe = full_forwards = 0
     for block in range(num_blocks):
         start = prompt_len + block * block_length
         stop = start + block_length
+        graphed = None
+        if cuda_graph:
+            random = temperature > 0 or remasking == "random"
+            graphed = GraphedStep(lambda a=start, b=stop: denoise_step(a, b, -1, False),
+                                  generator if random else None)
         for i, k in enumerate(schedule):
+            # Adaptive decoding ends a block when no row has a mask left in it: one host sync
+            # per step, in that approximate mode only (a full block needs no check).
+            if adaptive and i > 0 and not bool((x[:, start:stop] == mask_id).any()):
+                break
             step = block * steps_per_block + i
             if bar is not None:
                 bar.update(1)
-            if k == 0:
-                continue
-            logits, un_logits = block_logits(x, start, stop)
-            if not block_logits.vocab_checked:
-                check_vocab_size(logits.shape[-1], mask_id, token_ids, "the logits' last dim")
-                block_logits.vocab_checked = True
-            x0, confidence = ops.gumbel_argmax_confidence(
-                logits, un_logits=un_logits, cfg_scale=cfg_scale, temperature=temperature,
-                remasking=remasking, logits_eos_inf=logits_eos_inf,
-                confidence_eos_eot_inf=confidence_eos_eot_inf, eos_id=eos_id, eot_id=eot_id,
-                generator=generator,
-                **_injected(draws, step, start, batch, logits.shape[-1], device))
-            x_block = x[:, start:stop]
-            confidence = confidence.masked_fill(x_block != mask_id, -torch.inf)
-            num_transfer = torch.full((batch,), k, dtype=torch.long, device=device)
-            transfer = ops.select_transfer(confidence, num_transfer)
-            x[:, start:stop] = torch.where(transfer, x0, x_block)
+            if k == 0 and not adaptive:
+                continue  # transfers nothing, so cannot change x
+            num_transfer.fill_(k)
+            full = i == 0 or (refresh_every is not None and i % refresh_every == 0)
+            if graphed is not None and not full:
+                x0, confidence, transfer = graphed()
+            else:
+                x0, confidence, transfer = denoise_step(start, stop, step, full)
+            nfe += 1
+            full_forwards += full or cache is None
             if observer is not None:
                 observer(StepEvent(block, step, start, stop, x, x0, confidence, transfer))
     if bar is not None:
         bar.close()
+    if return_stats:
+        return x, GenerateStats(nfe=nfe, full_forwards=full_forwards)
     return x
+
+
+class GraphedStep:
+    """A step captured in a CUDA graph on its first call and replayed afterwards.
+
+    The first call runs the step for real on a side stream (the warm-up CUDA graphs need),
+    then captures it; each later call replays the graph, which reads and writes the same
+    buffers (``x``, the cache, the transfer counts). ``fn`` must have static shapes and no
+    host synchronisation.
+    """
+
+    def __init__(self, fn: Callable[[], tuple], generator: Optional[torch.Generator]):
+        self.fn = fn
+        self.generator = generator
+        self.graph = None
+        self.outputs = None
+
+    def __call__(self) -> tuple:
+        if self.graph is not None:
+            self.graph.replay()
+            return self.outputs
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            outputs = self.fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        if self.generator is not None:  # replays must advance the user's generator too
+            register = getattr(self.graph, "register_generator_state", None)
+            if register is None:
+                raise RuntimeError("this torch cannot replay a user generator in a CUDA graph; "
+                                   "pass generator=None (the default CUDA generator is "
+                                   "graph-safe)")
+            register(self.generator)
+        with torch.cuda.graph(self.graph):
+            self.outputs = self.fn()
+        return outputs
 
 
 def _injected(draws: Optional[Draws], step: int, start: int, batch: int, vocab: int,

@@ -86,6 +86,52 @@ def add_gumbel_noise(logits: torch.Tensor, temperature: float, uniform) -> torch
     return logits.exp() / gumbel_noise
 
 
+def init_sequence(prompt: torch.Tensor, attention_mask: Optional[torch.Tensor], gen_length: int,
+                  mask_id: int, device: torch.device):
+    """``x`` = the prompt followed by ``gen_length`` masks, int64 ``(B, Lp + gen_length)`` on
+    ``device``; the attention mask, if any, extended with ones for the generated positions."""
+    batch, prompt_len = prompt.shape
+    x = torch.full((batch, prompt_len + gen_length), mask_id, dtype=torch.long, device=device)
+    x[:, :prompt_len] = prompt.to(device)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device)
+        attention_mask = torch.cat(
+            [attention_mask, attention_mask.new_ones((batch, gen_length))], dim=-1)
+    return x, attention_mask
+
+
+def sample_step(logits, temperature, remasking, logits_eos_inf, confidence_eos_eot_inf,
+                eos_id, eot_id, gumbel, remask):
+    """One step's choice and confidence, as the reference computes them.
+
+    Args:
+        logits: ``(B, N, V)`` (modified in place by the EOS options, as in the reference).
+        gumbel, remask: zero-argument callables returning the uniform draws for these rows:
+            float64 ``(B, N, V)`` and float32 ``(B, N)``.
+    Returns:
+        ``x0`` int64 ``(B, N)`` and its confidence ``(B, N)``.
+    """
+    if logits_eos_inf:
+        logits[:, :, eos_id] = -torch.inf
+
+    logits_with_noise = add_gumbel_noise(logits, temperature, gumbel)
+    x0 = torch.argmax(logits_with_noise, dim=-1)
+
+    if confidence_eos_eot_inf:
+        # After x0 was chosen. At temperature 0 the two names are one tensor, so both ids
+        # leave the softmax; at temperature > 0 only the EoT id does.
+        logits_with_noise[:, :, eos_id] = logits[:, :, eot_id] = -torch.inf
+
+    if remasking == 'low_confidence':
+        p = F.softmax(logits, dim=-1)  # in the logits' dtype
+        x0_p = torch.gather(p, dim=-1, index=x0.unsqueeze(-1)).squeeze(-1)
+    elif remasking == 'random':
+        x0_p = remask()
+    else:
+        raise NotImplementedError(remasking)
+    return x0, x0_p
+
+
 @torch.no_grad()
 def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, block_length=128,
              temperature=0., cfg_scale=0., remasking='low_confidence', mask_id=MASK_ID,
@@ -105,11 +151,7 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
     draws = draws if draws is not None else TorchDraws()
     device = prompt.device
     batch, prompt_len = prompt.shape
-    x = torch.full((batch, prompt_len + gen_length), mask_id, dtype=torch.long, device=device)
-    x[:, :prompt_len] = prompt.clone()
-    if attention_mask is not None:
-        attention_mask = torch.cat(
-            [attention_mask, attention_mask.new_ones((batch, gen_length))], dim=-1)
+    x, attention_mask = init_sequence(prompt, attention_mask, gen_length, mask_id, device)
     prompt_index = x != mask_id
 
     assert gen_length % block_length == 0
@@ -137,27 +179,11 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
             else:
                 logits = model_logits(model, x, attention_mask)
 
-            if logits_eos_inf:
-                logits[:, :, eos_id] = -torch.inf
-
             vocab = logits.shape[-1]
-            logits_with_noise = add_gumbel_noise(
-                logits, temperature,
-                lambda: draws.gumbel(step, 0, seq_len, batch, vocab, device))
-            x0 = torch.argmax(logits_with_noise, dim=-1)  # (B, L)
-
-            if confidence_eos_eot_inf:
-                # After x0 was chosen. At temperature 0 the two names are one tensor, so both
-                # ids leave the softmax; at temperature > 0 only the EoT id does.
-                logits_with_noise[:, :, eos_id] = logits[:, :, eot_id] = -torch.inf
-
-            if remasking == 'low_confidence':
-                p = F.softmax(logits, dim=-1)  # in the logits' dtype
-                x0_p = torch.gather(p, dim=-1, index=x0.unsqueeze(-1)).squeeze(-1)
-            elif remasking == 'random':
-                x0_p = draws.remask(step, 0, seq_len, batch, device)
-            else:
-                raise NotImplementedError(remasking)
+            x0, x0_p = sample_step(
+                logits, temperature, remasking, logits_eos_inf, confidence_eos_eot_inf, eos_id,
+                eot_id, gumbel=lambda: draws.gumbel(step, 0, seq_len, batch, vocab, device),
+                remask=lambda: draws.remask(step, 0, seq_len, batch, device))
 
             x0_p[:, block_end:] = -torch.inf
             x0 = torch.where(mask_index, x0, x)
@@ -169,4 +195,113 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
                 transfer_index[j, select_index] = True
             x[transfer_index] = x0[transfer_index]
 
+    return x
+
+
+@torch.no_grad()
+def generate_approximate(model, prompt, attention_mask=None, steps=128, gen_length=128,
+                         block_length=128, temperature=0., cfg_scale=0.,
+                         remasking='low_confidence', mask_id=MASK_ID, logits_eos_inf=False,
+                         confidence_eos_eot_inf=False, *, cache=None, refresh_every=None,
+                         threshold=None, factor=None, eos_id: int = EOS_ID, eot_id: int = EOT_ID,
+                         draws: Optional[Draws] = None) -> torch.Tensor:
+    """Fast-dLLM's approximate modes, stated plainly: the oracle of genjo_fast's cache.
+
+    Works block by block on the rows of the current block (as in the exact sampler, nothing
+    outside the block can be chosen):
+
+    * ``cache=None``: every step runs the whole sequence.
+    * ``cache="prefix"``: each block starts with one full forward, whose logits are the
+      block's first step and whose per-layer K/V are kept. Later steps run the block and all
+      later positions, attending to the kept K/V of the positions before the block
+      (concatenated) and their own fresh K/V.
+    * ``cache="dual"``: later steps run the block only; its fresh K/V replace the block's
+      slots in the kept K/V, which serve for every other position.
+    * ``refresh_every=N``: a full forward (and a fresh cache) also every N steps of a block.
+    * ``threshold``/``factor``: instead of the fixed schedule, each step transfers per row the
+      positions chosen by :func:`threshold_transfer_row` / :func:`factor_transfer_row`, until
+      the row's block has no mask left (rows that finish stop changing). The step index of
+      the draws then advances by ``block_length`` per block.
+
+    Args:
+        model: a genjo_fast :class:`~genjo_fast.models.LLaDAModel` (K/V through its
+            ``forward_hidden(..., kv_hook=...)``, logits through ``lm_head``).
+        The others: as :func:`generate`.
+    Returns:
+        int64 ``(B, Lp + gen_length)``.
+    """
+    draws = draws if draws is not None else TorchDraws()
+    device = prompt.device
+    batch, prompt_len = prompt.shape
+    x, attention_mask = init_sequence(prompt, attention_mask, gen_length, mask_id, device)
+    prompt_index = x != mask_id
+    seq_len = x.shape[1]
+    num_blocks = gen_length // block_length
+    adaptive = threshold is not None or factor is not None
+    steps_per_block = block_length if adaptive else steps // num_blocks
+
+    for num_block in range(num_blocks):
+        start = prompt_len + num_block * block_length
+        stop = start + block_length
+        num_transfer_tokens = get_num_transfer_tokens(x[:, start:stop] == mask_id,
+                                                      steps_per_block)
+        cache_k = cache_v = None
+        i = 0
+        while (x[:, start:stop] == mask_id).any() if adaptive else i < steps_per_block:
+            step = num_block * steps_per_block + i
+            x_, mask_ = x, attention_mask
+            if cfg_scale > 0.:
+                x_ = torch.cat([x, x.masked_fill(prompt_index, mask_id)], dim=0)
+                mask_ = None if attention_mask is None else torch.cat([attention_mask] * 2, 0)
+
+            if cache is None or i == 0 or (refresh_every is not None and i % refresh_every == 0):
+                kept = []
+
+                def keep(layer, k, v):
+                    kept.append((k.contiguous(), v.contiguous()))
+                    return k, v
+
+                hidden = model.forward_hidden(x_, mask_, kv_hook=keep)[:, start:stop]
+                cache_k = [k for k, _ in kept]
+                cache_v = [v for _, v in kept]
+            else:
+                end = seq_len if cache == "prefix" else stop
+
+                def attend_cached(layer, k, v):
+                    keys = torch.cat([cache_k[layer][:, :, :start], k,
+                                      cache_k[layer][:, :, end:]], dim=2)
+                    values = torch.cat([cache_v[layer][:, :, :start], v,
+                                        cache_v[layer][:, :, end:]], dim=2)
+                    if cache == "dual":  # the block's fresh K/V replace its slots
+                        cache_k[layer], cache_v[layer] = keys, values
+                    return keys, values
+
+                positions = torch.arange(start, end, device=device)
+                hidden = model.forward_hidden(x_[:, start:end], mask_, positions=positions,
+                                              kv_hook=attend_cached)[:, :stop - start]
+            logits = model.lm_head(hidden)  # (B or 2B, block_length, V)
+            if cfg_scale > 0.:
+                logits, un_logits = torch.chunk(logits, 2, dim=0)
+                logits = un_logits + (cfg_scale + 1) * (logits - un_logits)
+
+            vocab = logits.shape[-1]
+            x0, x0_p = sample_step(
+                logits, temperature, remasking, logits_eos_inf, confidence_eos_eot_inf, eos_id,
+                eot_id, gumbel=lambda: draws.gumbel(step, start, stop, batch, vocab, device),
+                remask=lambda: draws.remask(step, start, stop, batch, device))
+            block = x[:, start:stop]
+            mask_index = block == mask_id
+            x0 = torch.where(mask_index, x0, block)
+            confidence = torch.where(mask_index, x0_p, -torch.inf)
+
+            for j in range(batch):
+                if threshold is not None:
+                    select_index = threshold_transfer_row(confidence[j], threshold)
+                elif factor is not None:
+                    select_index = factor_transfer_row(confidence[j], factor)
+                else:
+                    select_index = topk_lowest_position(confidence[j],
+                                                        int(num_transfer_tokens[j, i]))
+                block[j, select_index] = x0[j, select_index]
+            i += 1
     return x

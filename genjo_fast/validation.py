@@ -84,3 +84,33 @@ def check_vocab_size(vocab_size: Optional[int], mask_id: int, token_ids: dict,
         if value >= vocab_size:
             raise ValueError(f"{name}={value} is outside the model vocabulary "
                              f"({source} = {vocab_size})")
+
+
+def check_approximate_args(cache, refresh_every, threshold, factor) -> None:
+    """Validates the opt-in approximate modes of ``generate``."""
+    if cache not in (None, "prefix", "dual"):
+        raise ValueError(f"cache must be None, 'prefix' or 'dual', got {cache!r}")
+    if refresh_every is not None:
+        _check_int("refresh_every", refresh_every, 1)
+        if cache is None:
+            raise ValueError("refresh_every needs a cache ('prefix' or 'dual')")
+    if threshold is not None and factor is not None:
+        raise ValueError("threshold and factor are exclusive: give one of them")
+    for name, value in (("threshold", threshold), ("factor", factor)):
+        if value is not None:
+            _check_float(name, value)
+            if value == float("inf"):
+                raise ValueError(f"{name} must be finite, got {value}")
+
+
+def check_cuda_graph_args(model, device: torch.device, draws) -> None:
+    """``cuda_graph=True`` captures genjo_fast's own model on CUDA with in-graph randomness."""
+    from .models import LLaDAModel
+
+    if device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs the model on a CUDA device, not {device}")
+    if not isinstance(model, LLaDAModel):
+        raise ValueError("cuda_graph=True needs a LLaDA model (genjo_fast.models.LLaDAModel or a "
+                         f"reference model with model_type 'llada'), got {type(model).__name__}")
+    if draws is not None:
+        raise ValueError("cuda_graph=True cannot replay injected draws; pass draws=None")

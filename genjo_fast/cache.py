@@ -1,0 +1,95 @@
+"""Block KV cache for genjo_fast's LLaDA model (approximate, opt-in: ``cache="prefix"|"dual"``).
+
+Semantics are Fast-dLLM's (``shared/LLADA_FACTS.md``; plain statement:
+:func:`genjo_fast.reference.generate_approximate`): each block starts with a full forward that
+fills the cache and gives the block's first logits; later steps run only the block (``dual``)
+or the block and everything after it (``prefix``) against the cached K/V.
+
+Both modes reduce to one operation: run some rows ``[row_start, row_start + n)`` through the
+blocks, write their fresh K/V into those slots of a preallocated per-layer cache, and attend
+over the whole cache. For ``prefix`` the slots after the rows hold nothing useful but there are
+none (the rows reach the end); for ``dual`` they hold the K/V of the last full forward.
+The cache is allocated once per generate call: no concatenation per step.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from .models import LLaDAModel
+
+CACHE_MODES = ("prefix", "dual")
+
+
+class BlockCache:
+    """Preallocated per-layer K/V ``(B, n_kv_heads, L, head_dim)`` and the runner over it.
+
+    Args:
+        model: a :class:`~genjo_fast.models.LLaDAModel`.
+        batch: rows of the batch the model sees (``2B`` with classifier-free guidance).
+        seq_len: ``L``, prompt plus generated length.
+        key_mask: ``(batch, L)`` 0/1 key-padding mask, or ``None``.
+    """
+
+    def __init__(self, model: LLaDAModel, batch: int, seq_len: int,
+                 key_mask: Optional[torch.Tensor]):
+        config = model.config
+        shape = (batch, config.n_kv_heads, seq_len, config.head_dim)
+        self.model = model
+        self.k: List[torch.Tensor] = [torch.empty(shape, dtype=model.dtype, device=model.device)
+                                      for _ in range(config.n_layers)]
+        self.v: List[torch.Tensor] = [torch.empty_like(k) for k in self.k]
+        self.key_mask = None if key_mask is None else key_mask.bool()
+        self.cos, self.sin = model.rope(None, seq_len, model.device)  # float32 (L, D)
+
+    def hidden(self, rows: torch.Tensor, row_start: int) -> torch.Tensor:
+        """Hidden states of ``rows`` after the last block, writing their K/V into the cache.
+
+        Args:
+            rows: int64 ``(batch, n)``, the tokens at positions ``row_start .. row_start + n``.
+        Returns:
+            ``(batch, n, d_model)`` in the model dtype (before the final norm).
+        """
+        row_stop = row_start + rows.shape[1]
+        cos, sin = self.cos[row_start:row_stop], self.sin[row_start:row_stop]
+        h = self.model.transformer.wte(rows)
+        for layer, block in enumerate(self.model.blocks):
+            q, k, v = block.qkv(h, cos, sin)
+            self.k[layer][:, :, row_start:row_stop] = k
+            self.v[layer][:, :, row_start:row_stop] = v
+            h = h + block.attend(q, self.k[layer], self.v[layer], self.key_mask)
+            h = h + block.mlp(h)
+        return h
+
+
+class CachedBlockLogits:
+    """Drop-in for :class:`genjo_fast.generate.BlockLogits` that runs through a
+    :class:`BlockCache`: ``__call__(x, start, stop, full)`` returns the block's logits (and the
+    unconditional half with CFG); ``full`` forces a full forward that refills the cache."""
+
+    def __init__(self, model: LLaDAModel, mode: str, x: torch.Tensor,
+                 attention_mask: Optional[torch.Tensor], prompt_index: torch.Tensor,
+                 cfg_scale: float, mask_id: int):
+        self.model = model
+        self.mode = mode
+        self.cfg = cfg_scale > 0
+        self.prompt_index = prompt_index
+        self.mask_id = mask_id
+        if self.cfg and attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, attention_mask], dim=0)
+        batch = x.shape[0] * (2 if self.cfg else 1)
+        self.cache = BlockCache(model, batch, x.shape[1], attention_mask)
+
+    def __call__(self, x: torch.Tensor, start: int, stop: int,
+                 full: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        batch = x.shape[0]
+        if self.cfg:
+            x = torch.cat([x, x.masked_fill(self.prompt_index, self.mask_id)], dim=0)
+        row_start = 0 if full else start
+        row_stop = x.shape[1] if (full or self.mode == "prefix") else stop
+        hidden = self.cache.hidden(x[:, row_start:row_stop], row_start)
+        logits = self.model.lm_head(hidden[:, start - row_start:stop - row_start])
+        if self.cfg:
+            return logits[:batch], logits[batch:]
+        return logits, None
