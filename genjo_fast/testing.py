@@ -47,17 +47,34 @@ class TinyBidirectionalLM(nn.Module):
         return SimpleNamespace(logits=self.lm_head(h))
 
 
-def random_llada(vocab_size: int, d_model: int = 64, n_heads: int = 4, n_kv_heads: int = 4,
-                 n_layers: int = 2, mlp_hidden_size: int = 128, max_len: int = 1024,
-                 seed: int = 0, dtype=torch.float32):
-    """A :class:`~genjo_fast.models.LLaDAModel` with random weights (PyTorch's default init)."""
-    from .models import LLaDAConfig, LLaDAModel
+def random_llada(vocab_size: int = 126464, d_model: int = 64, n_heads: int = 4,
+                 n_kv_heads: Optional[int] = None, n_layers: int = 2,
+                 mlp_hidden_size: Optional[int] = None, max_len: int = 1024, seed: int = 0,
+                 dtype=torch.float32, device="cpu", **config):
+    """A :class:`~genjo_fast.models.LLaDAModel` with random weights (PyTorch's default init).
 
-    torch.manual_seed(seed)
+    The weights are created directly in ``dtype`` on ``device`` (built on the meta device
+    first), so an LLaDA-8B-shaped model (``LLaDAConfig()``'s defaults: pass
+    ``d_model=4096, n_heads=32, n_layers=32, mlp_hidden_size=12288``) needs only its bf16
+    weights' memory.
+    """
+    from .models import LLaDAConfig, LLaDAModel
+    from .models.llada import RMSNorm
+
     config = LLaDAConfig(d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                         n_layers=n_layers, mlp_hidden_size=mlp_hidden_size,
-                         vocab_size=vocab_size, max_sequence_length=max_len)
-    return LLaDAModel(config).to(dtype)
+                         n_layers=n_layers, mlp_hidden_size=mlp_hidden_size or 2 * d_model,
+                         vocab_size=vocab_size, max_sequence_length=max_len, **config)
+    with torch.device("meta"):
+        model = LLaDAModel(config)
+    model = model.to(dtype).to_empty(device=device)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+            elif isinstance(module, (nn.Linear, nn.Embedding)):
+                module.reset_parameters()
+    return model.requires_grad_(False).eval()
 
 
 class FullLogitsOnly(nn.Module):

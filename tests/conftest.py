@@ -10,6 +10,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# The models here are tiny: one thread is as fast, and immune to OpenMP threads spinning
+# against other processes on a small shared machine (a 100x slowdown seen otherwise).
+torch.set_num_threads(1)
+
 from genjo_fast.testing import TinyBidirectionalLM  # noqa: E402
 
 VOCAB = 130
