@@ -17,7 +17,6 @@ Run with ``pytest benchmarks/test_bench_agreement.py --benchmark-only -s``.
 import copy
 import os
 
-import pytest
 import torch
 
 import genjo_fast

@@ -1,7 +1,8 @@
 """Non-causal multi-head attention with a key-padding mask, dispatched to the fastest backend.
 
 Backends (env variable ``GENJO_FAST_ATTENTION`` or ``backend=``), most preferred first:
-``triton`` (genjo_fast's flash-attention kernel; CUDA, or CPU under ``TRITON_INTERPRET=1``),
+``triton`` (genjo_fast's flash-attention kernel; CUDA, or CPU under ``TRITON_INTERPRET=1``
+when asked for by name),
 ``flash_attn`` (the flash-attn package; CUDA, fp16/bf16) and ``sdpa`` (PyTorch's
 scaled_dot_product_attention, always available). ``auto`` (the default) picks the best
 available one for the device and logs once when it falls back; asking explicitly for an
@@ -96,7 +97,10 @@ def _flash_attn_check(device: torch.device, q: Optional[torch.Tensor] = None) ->
 
 
 ATTENTION_BACKENDS = Registry("attention backend", ENV_VAR)
-ATTENTION_BACKENDS.register("triton", _triton_attention.flash_attention, _triton_check)
+ATTENTION_BACKENDS.register("triton", _triton_attention.flash_attention, _triton_check,
+                            auto_check=lambda device, *inputs: None if device.type == "cuda"
+                            else "'auto' runs the Triton kernel on CUDA tensors only (on CPU it "
+                                 "needs the slow interpreter: ask for 'triton' by name)")
 ATTENTION_BACKENDS.register("flash_attn", attention_flash_attn, _flash_attn_check)
 ATTENTION_BACKENDS.register("sdpa", attention_sdpa)
 

@@ -4,7 +4,9 @@ A :class:`Registry` maps backend names to an implementation and an availability 
 The choice comes from the ``backend=`` argument, else the registry's env variable, else
 ``"auto"``. ``"auto"`` takes the first available backend in preference order and logs once per
 (backend, device type) when it falls back; an explicit request for an unavailable backend is an
-error naming the reason.
+error naming the reason. A backend may add an ``auto_check`` that only ``"auto"`` applies: it
+runs on some devices when asked for by name but is not picked there by default (the Triton
+kernels on CPU tensors through the slow interpreter).
 """
 from __future__ import annotations
 
@@ -29,14 +31,19 @@ class Registry:
         self.what = what
         self.env_var = env_var
         self._backends: Dict[str, Tuple[Any, Callable[..., Optional[str]]]] = {}
+        self._auto_checks: Dict[str, Callable[..., Optional[str]]] = {}
         self._logged = set()
 
     def register(self, name: str, impl: Any,
-                 check: Callable[..., Optional[str]] = lambda device, *inputs: None) -> None:
+                 check: Callable[..., Optional[str]] = lambda device, *inputs: None, *,
+                 auto_check: Optional[Callable[..., Optional[str]]] = None) -> None:
         """Adds a backend, most preferred first. ``check(device, *inputs)`` returns ``None``
         when the backend can run on ``device`` (and on these inputs, when the caller passes
-        them), else the reason it cannot."""
+        them), else the reason it cannot. ``auto_check`` (same signature), when given, must
+        also pass for ``"auto"`` to pick the backend; an explicit request skips it."""
         self._backends[name] = (impl, check)
+        if auto_check is not None:
+            self._auto_checks[name] = auto_check
 
     def names(self) -> Tuple[str, ...]:
         return tuple(self._backends)
@@ -57,6 +64,8 @@ class Registry:
             return name, impl
         for candidate, (impl, check) in self._backends.items():
             reason = check(device, *inputs)
+            if reason is None and candidate in self._auto_checks:
+                reason = self._auto_checks[candidate](device, *inputs)
             if reason is None:
                 return candidate, impl
             if (candidate, device.type) not in self._logged:

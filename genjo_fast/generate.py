@@ -191,7 +191,8 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
             remasking); ignored when ``draws`` is given.
         draws: a :class:`~genjo_fast.draws.Draws` source of the uniform draws (e.g. the same
             :class:`~genjo_fast.draws.TensorDraws` handed to the reference).
-        backend: ``'auto'`` or ``'torch'``; default from ``GENJO_FAST_BACKEND``, else ``'auto'``.
+        backend: ``'auto'``, ``'cuda'``, ``'triton'`` or ``'torch'`` (see
+            :mod:`genjo_fast.backends`); default from ``GENJO_FAST_BACKEND``, else ``'auto'``.
         fast_model: when ``model`` is a reference LLaDA model loaded through transformers
             (``config.model_type == "llada"``), run genjo_fast's own implementation on the
             same parameter tensors (no copy). ``False`` keeps the model's own forward (bitwise

@@ -86,17 +86,9 @@ def gumbel_argmax_confidence(
             x0[:, a:b] = torch.argmax(chunk.to(torch.float64).exp_().div_(gumbel), dim=-1)
             del gumbel
 
-        if confidence_eos_eot_inf:
-            # The reference's quirk: after x0 is chosen, EoT leaves the softmax, and so does
-            # EOS at temperature 0 (where the noised logits are the logits themselves).
-            chunk[:, :, eot_id] = -torch.inf
-            if temperature == 0:
-                chunk[:, :, eos_id] = -torch.inf
-
         if remasking == "low_confidence":
-            p = F.softmax(chunk, dim=-1)
-            confidence[:, a:b] = torch.gather(p, -1, x0[:, a:b, None]).squeeze(-1)
-            del p
+            confidence[:, a:b] = softmax_confidence(chunk, x0[:, a:b], temperature,
+                                                    confidence_eos_eot_inf, eos_id, eot_id)
         elif remask_uniform is None:
             confidence[:, a:b] = torch.rand((batch, b - a), device=logits.device,
                                             generator=generator)
@@ -122,6 +114,26 @@ def sample_categorical(logits: torch.Tensor, temperature: float,
     # right=True skips zero-probability ids (equal consecutive cdf values); u < total.
     index = torch.searchsorted(cdf, u.mul_(cdf[..., -1:]), right=True).squeeze(-1)
     return index.clamp_(max=logits.shape[-1] - 1)
+
+
+def softmax_confidence(logits: torch.Tensor, x0: torch.Tensor, temperature: float,
+                       confidence_eos_eot_inf: bool, eos_id: int, eot_id: int) -> torch.Tensor:
+    """``softmax(logits)[x0]`` in the logits' dtype, after the reference's EOS quirk.
+
+    Args:
+        logits: ``(..., V)``, a private copy (the quirk writes ``-inf`` into it).
+        x0: int64 ``(...)``, the chosen ids.
+    Returns:
+        ``(...)`` in the logits' dtype.
+    """
+    if confidence_eos_eot_inf:
+        # The reference's quirk: after x0 is chosen, EoT leaves the softmax, and so does EOS
+        # at temperature 0 (where the noised logits are the logits themselves).
+        logits[..., eot_id] = -torch.inf
+        if temperature == 0:
+            logits[..., eos_id] = -torch.inf
+    p = F.softmax(logits, dim=-1)
+    return torch.gather(p, -1, x0[..., None]).squeeze(-1)
 
 
 def select_transfer(confidence: torch.Tensor, num_transfer: Optional[torch.Tensor] = None, *,

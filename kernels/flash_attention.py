@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from typing import Optional, Tuple
 
 import torch
+
+from ._runtime import availability, is_interpreted
 
 try:
     import triton
@@ -126,33 +127,20 @@ if triton is not None:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
 
-# The kernel runs through the Triton interpreter when TRITON_INTERPRET=1 was set before triton
-# and this module were imported: triton.jit reads it when it decorates (triton's own helpers such
-# as tl.zeros included), so the mode is fixed for the process.
-_INTERPRETED = (triton is not None
-                and type(_flash_attn_fwd_kernel).__name__ == "InterpretedFunction")
+_KERNEL = _flash_attn_fwd_kernel if triton is not None else None
+_INTERPRETED = _KERNEL is not None and is_interpreted(_KERNEL)
 
 
 def is_available(device) -> Optional[str]:
-    """``None`` when :func:`flash_attention` can run on ``device``, else the reason it cannot."""
+    """``None`` when :func:`flash_attention` can run on ``device``, else the reason it cannot
+    (besides :func:`~genjo_fast.kernels._runtime.availability`: compute capability >= 8.0)."""
+    reason = availability(device, _KERNEL)
     device = torch.device(device)
-    if triton is None:
-        return "triton is not installed"
-    if device.type == "cuda":
-        if _INTERPRETED:
-            return "TRITON_INTERPRET=1: the kernel runs in the interpreter, on CPU tensors"
-        if not torch.cuda.is_available():
-            return "CUDA is not available"
+    if reason is None and device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if major < 8:
             return f"needs a GPU of compute capability >= 8.0, got {major}.{minor}"
-        return None
-    if device.type == "cpu":
-        if not (_INTERPRETED and os.environ.get("TRITON_INTERPRET") == "1"):
-            return ("CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before "
-                    "triton is imported")
-        return None
-    return f"device type {device.type!r} is not supported"
+    return reason
 
 
 def _check_inputs(q, k, v, key_mask) -> None:

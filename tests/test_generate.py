@@ -1,5 +1,4 @@
 """genjo_fast.generate against the reference oracle: identical tokens, same distribution."""
-import itertools
 
 import pytest
 import torch

@@ -88,3 +88,164 @@ def test_exactly_one_rule():
         sampling.select_transfer(torch.rand(2, 3), torch.ones(2, dtype=torch.long), threshold=0.5)
     with pytest.raises(ValueError, match="exactly one of"):
         sampling.select_transfer(torch.rand(2, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# The Triton kernel (genjo_fast.kernels.select_transfer) and the CUDA extension's op
+# (genjo_fast._C, torch.ops.genjo_fast.select_transfer) against the torch op above. Without a
+# GPU the Triton kernel runs on CPU tensors through the interpreter (tests/conftest.py sets
+# TRITON_INTERPRET=1); the CUDA op is compared where the extension was built and CUDA exists.
+# ---------------------------------------------------------------------------------------------
+from genjo_fast import cuda_ext  # noqa: E402
+from genjo_fast.backends import SAMPLING_BACKENDS  # noqa: E402
+from genjo_fast.kernels import select_transfer as sk  # noqa: E402
+
+if sk.is_available("cpu") is None:
+    KDEVICE = torch.device("cpu")
+elif sk.is_available("cuda") is None:
+    KDEVICE = torch.device("cuda")
+else:
+    KDEVICE = None
+needs_kernel = pytest.mark.skipif(
+    KDEVICE is None, reason=f"the Triton kernel cannot run here: {sk.is_available('cpu')}")
+needs_extension = pytest.mark.skipif(cuda_ext._C is None, reason=str(cuda_ext.IMPORT_ERROR))
+
+RULES = [dict(threshold=t) for t in (0.0, 0.5, 0.9, 1.0, 1.5)] + \
+        [dict(factor=f) for f in (0.0, 0.3, 1.0, 2.0, 10.0)]
+
+
+def rule_cases(confidence, seed):
+    """The three rules on one batch: top-k with random k (including 0 and all finite entries),
+    then every threshold and factor of RULES."""
+    g = torch.Generator().manual_seed(seed)
+    finite = (confidence > -torch.inf).sum(1).cpu()
+    k = (torch.rand(confidence.shape[0], generator=g) * (finite + 1)).long().clamp(max=finite)
+    k[0] = 0
+    k[-1] = finite[-1]
+    cases = [dict(num_transfer=k.to(confidence.device)),
+             dict(num_transfer=finite.to(confidence.device))]
+    return cases + RULES
+
+
+def check_against_torch_op(impl, confidence, seed=0, cases=None):
+    for kw in rule_cases(confidence, seed) if cases is None else cases:
+        got = impl(confidence, **kw)
+        want = sampling.select_transfer(confidence.cpu(), **{
+            k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
+        assert got.dtype == torch.bool and got.shape == confidence.shape
+        assert torch.equal(got.cpu(), want), kw
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("batch,num_pos,levels", [(1, 1, 4), (3, 7, 4), (6, 32, 16),
+                                                  (4, 200, 1000)])
+def test_kernel_equals_torch_op(dtype, batch, num_pos, levels):
+    """All three rules, ties (few levels), -inf entries, k = 0 and a row all -inf."""
+    confidence = random_rows(batch, num_pos, seed=num_pos, levels=levels).to(KDEVICE, dtype)
+    check_against_torch_op(sk.select_transfer, confidence, seed=num_pos)
+
+
+@needs_kernel
+def test_kernel_tiles_and_strides(monkeypatch):
+    """Rows longer than one tile of positions (both loops, the factor rule's two passes) and a
+    strided column slice of a wider tensor."""
+    monkeypatch.setattr(sk, "_tile_config", lambda num_pos: (16, 16, 4))
+    confidence = random_rows(3, 40, seed=3, levels=6)
+    wide = torch.full((3, 80), 0.7)
+    wide[:, 20:60] = confidence
+    wide = wide.to(KDEVICE)
+    cases = rule_cases(confidence, seed=3)[:1] + [dict(threshold=0.5), dict(factor=0.3),
+                                                  dict(factor=1.0)]
+    check_against_torch_op(sk.select_transfer, wide[:, 20:60], cases=cases)
+    check_against_torch_op(sk.select_transfer, wide.t().contiguous().t()[:, 20:60],
+                           cases=cases[1:2])
+
+
+@needs_kernel
+def test_kernel_threshold_rounded_like_torch():
+    """torch compares bf16 confidences with the threshold rounded to bf16: 0.9 -> 0.8984375."""
+    confidence = torch.tensor([[0.2, 0.8984375, 0.5, 0.95]], dtype=torch.bfloat16)
+    got = sk.select_transfer(confidence.to(KDEVICE), threshold=0.9)
+    assert got.cpu()[0].tolist() == [False, True, False, True]
+    assert torch.equal(got.cpu(), sampling.select_transfer(confidence, threshold=0.9))
+
+
+@needs_kernel
+@pytest.mark.parametrize("args,kwargs,error,match", [
+    ((torch.rand(2, 3),), dict(), ValueError, "exactly one of"),
+    ((torch.rand(2, 3), torch.ones(2, dtype=torch.long)), dict(factor=1.0), ValueError,
+     "exactly one of"),
+    ((torch.rand(2, 3, 1),), dict(threshold=0.5), ValueError, "confidence must have shape"),
+    ((torch.ones(2, 3, dtype=torch.long),), dict(threshold=0.5), TypeError, "confidence dtype"),
+    ((torch.rand(2, 3), torch.ones(2)), dict(), TypeError, "num_transfer must be an integer"),
+    ((torch.rand(2, 3), torch.ones(3, dtype=torch.long)), dict(), ValueError,
+     "num_transfer shape"),
+    ((torch.rand(2, 3),), dict(threshold="0.5"), TypeError, "threshold must be a number"),
+])
+def test_kernel_validation(args, kwargs, error, match):
+    args = tuple(a.to(KDEVICE) for a in args)
+    with pytest.raises(error, match=match):
+        sk.select_transfer(*args, **kwargs)
+
+
+@needs_kernel
+def test_triton_backend_dispatch(monkeypatch):
+    """The triton backend is picked by name (on CPU only then: auto avoids the interpreter)."""
+    name, ops = SAMPLING_BACKENDS.resolve("triton", KDEVICE)
+    assert name == "triton" and ops.select_transfer is sk.select_transfer
+    monkeypatch.setenv("GENJO_FAST_BACKEND", "triton")
+    assert SAMPLING_BACKENDS.resolve(None, KDEVICE)[0] == "triton"
+    monkeypatch.delenv("GENJO_FAST_BACKEND")
+    auto = SAMPLING_BACKENDS.resolve(None, KDEVICE)[0]
+    assert auto == ("torch" if KDEVICE.type == "cpu" else
+                    ("cuda" if cuda_ext.is_available(KDEVICE) is None else "triton"))
+
+
+def test_cuda_backend_reason():
+    reason = cuda_ext.is_available("cpu")
+    assert reason is not None
+    assert ("CUDA tensors only" in reason if cuda_ext._C is not None
+            else "the CUDA extension was not built" in reason)
+    with pytest.raises(RuntimeError, match="backend='cuda' was requested but is unavailable"):
+        SAMPLING_BACKENDS.resolve("cuda", torch.device("cpu"))
+
+
+@needs_extension
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA op needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("batch,num_pos,levels", [(1, 1, 4), (3, 7, 4), (6, 32, 16),
+                                                  (4, 200, 1000), (2, 1500, 50)])
+def test_cuda_op_equals_torch_op(dtype, batch, num_pos, levels):
+    confidence = random_rows(batch, num_pos, seed=num_pos, levels=levels).to("cuda", dtype)
+    check_against_torch_op(cuda_ext.select_transfer, confidence, seed=num_pos)
+    check_against_torch_op(cuda_ext.select_transfer, confidence.t().contiguous().t())
+
+
+@needs_extension
+def test_extension_cpu_op_equals_torch_op():
+    """The extension's CPU kernel (the same per-row rules as its CUDA kernel)."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        confidence = random_rows(6, 33, seed=1, levels=8).to(dtype)
+        check_against_torch_op(cuda_ext.select_transfer, confidence, seed=1)
+
+
+@needs_extension
+def test_extension_fake_impl():
+    """The fake implementation (FakeTensorMode, meta tensors, torch.compile) gives the shape
+    and dtype of the result; opcheck validates the registration where torch has it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    op = torch.ops.genjo_fast.select_transfer
+    with FakeTensorMode():
+        out = op(torch.empty(3, 17, dtype=torch.bfloat16), None, 0.5, None)
+        assert out.shape == (3, 17) and out.dtype == torch.bool
+    meta = op(torch.empty(4, 9, device="meta"), torch.empty(4, dtype=torch.long, device="meta"),
+              None, None)
+    assert meta.shape == (4, 9) and meta.dtype == torch.bool and meta.device.type == "meta"
+    if hasattr(torch.library, "opcheck"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        confidence = random_rows(4, 9, seed=0).to(device)
+        for args in ((confidence, torch.tensor([1, 2, 3, 0], device=device), None, None),
+                     (confidence, None, 0.5, None), (confidence, None, None, 1.0)):
+            torch.library.opcheck(op.default, args)
