@@ -42,6 +42,11 @@ def cuda_extension():
                      f"{reason}")
         print(f"genjo_fast: building without the CUDA extension: {reason}")
         return [], {}
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # No GPU to detect the architecture from (a build machine): Ampere and Hopper.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        print("genjo_fast: no GPU visible, building the CUDA extension for sm_80 and sm_90 "
+              "(set TORCH_CUDA_ARCH_LIST to choose)")
     ext = CUDAExtension("genjo_fast._C", sources,
                         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]})
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
