@@ -34,6 +34,10 @@ def cuda_extension():
             reason = f"torch {torch.__version__} is a CPU build"
         elif CUDA_HOME is None:
             reason = "no CUDA toolkit found (set CUDA_HOME)"
+        elif not os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
+            # e.g. an nvcc wrapper in /usr/local/bin makes torch guess CUDA_HOME=/usr/local
+            reason = (f"CUDA_HOME={CUDA_HOME} is not a CUDA toolkit (no include/cuda_runtime.h); "
+                      "set CUDA_HOME to the toolkit's root, e.g. /usr/local/cuda")
     if reason is None and not sources:
         reason = "csrc/ holds no .cpp/.cu sources"
     if reason is not None:
