@@ -2,11 +2,34 @@
 
 ``from genjo_fast import generate`` is a drop-in replacement for the reference ``generate``.
 """
-from . import reference
-from .backends import available_backends
-from .draws import TensorDraws, TorchDraws
-from .generate import GenerateStats, StepEvent, generate
-from .likelihood import get_log_likelihood, get_log_likelihoods, is_greedy_continuation
+import importlib.util as _importlib_util
+import os as _os
+import sys as _sys
+
+
+def _import_source_tree_kernels() -> None:
+    """Runs from a source checkout (the repo root on ``sys.path``, e.g. ``python -m
+    genjo_fast.demo`` there) import the top-level ``kernels/`` folder as ``genjo_fast.kernels``,
+    the name the wheel installs it under (``package_dir``)."""
+    here = _os.path.dirname(_os.path.abspath(__file__))
+    init = _os.path.join(_os.path.dirname(here), "kernels", "__init__.py")
+    if (_os.path.isdir(_os.path.join(here, "kernels")) or not _os.path.isfile(init)
+            or "genjo_fast.kernels" in _sys.modules):
+        return
+    spec = _importlib_util.spec_from_file_location(
+        "genjo_fast.kernels", init, submodule_search_locations=[_os.path.dirname(init)])
+    module = _importlib_util.module_from_spec(spec)
+    _sys.modules["genjo_fast.kernels"] = module
+    spec.loader.exec_module(module)
+
+
+_import_source_tree_kernels()
+
+from . import reference  # noqa: E402
+from .backends import available_backends  # noqa: E402
+from .draws import TensorDraws, TorchDraws  # noqa: E402
+from .generate import GenerateStats, StepEvent, generate  # noqa: E402
+from .likelihood import get_log_likelihood, get_log_likelihoods, is_greedy_continuation  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["generate", "reference", "StepEvent", "GenerateStats", "TensorDraws", "TorchDraws",
