@@ -10,8 +10,9 @@ What makes it faster than :func:`genjo_fast.reference.generate` without changing
 * Only the current block is sampled and scored. Everything after it has confidence ``-inf``
   in the reference and everything before it is already decoded, so the reference's topk over
   the whole row can only pick masked positions of the block.
-* The Gumbel noise is the reference's float64 formula, but on block rows only and in chunks,
-  so no ``(B, L, V)`` float64 tensor is built.
+* Sampling touches block rows only, in bounded chunks: no ``(B, L, V)`` float64 tensor. The
+  ops come from a backend (:mod:`genjo_fast.backends`): fused Triton/CUDA kernels on GPU,
+  plain torch elsewhere, all giving the reference's tokens at temperature 0.
 * The transfer is selected for the whole batch with one stable sort (no loop over rows, no
   host-device sync inside the step loop); the schedule is computed once per block on the host.
 * Models whose ``forward`` takes ``logits_slice`` (a ``slice`` over positions) compute the LM
@@ -28,12 +29,12 @@ from typing import Callable, Optional
 import torch
 
 from .backends import resolve_backend
+from .cache import CachedBlockLogits
 from .draws import Draws
 from .models import LLaDAModel, from_reference, is_llada
 from .reference import EOS_ID, EOT_ID, MASK_ID, init_sequence
-from .cache import CachedBlockLogits
-from .validation import (check_approximate_args, check_generate_args, check_vocab_size,
-                         check_cuda_graph_args)
+from .validation import (check_approximate_args, check_cuda_graph_args, check_generate_args,
+                         check_vocab_size)
 
 
 @dataclass
@@ -203,8 +204,8 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
             this many steps of a block; ``1`` recomputes every step (exact again).
         threshold: APPROXIMATE, opt-in parallel decoding: each step transfers, per row, the
             most confident masked position plus every other one with confidence
-            ``>= threshold``, until the block is decoded (``steps`` then only sets nothing but
-            the validation). Rows that finish a block early stop changing.
+            ``>= threshold``, until the block is decoded (``steps`` is then only validated).
+            Rows that finish a block early stop changing.
         factor: APPROXIMATE, opt-in: with the confidences sorted decreasingly, transfer the
             largest prefix of ``n`` positions whose ``n``-th confidence is
             ``>= 1 - factor / (n + 1)``. Exclusive with ``threshold``.
@@ -215,7 +216,7 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
             With ``cuda_graph`` its tensors are the graph's outputs, overwritten by the next
             replay.
         progress: show a progress bar over the steps (needs ``tqdm``).
-        return_stats: also return a :class:`GenerateStats` (model forwards, steps).
+        return_stats: also return a :class:`GenerateStats` (``nfe``, ``full_forwards``).
     Returns:
         int64 ``(B, Lp + gen_length)``: the prompt followed by the generated tokens; with
         ``return_stats``, the pair ``(tokens, GenerateStats)``.
