@@ -84,11 +84,13 @@ class CachedBlockLogits:
     def __call__(self, x: torch.Tensor, start: int, stop: int,
                  full: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         batch = x.shape[0]
-        if self.cfg:
-            x = torch.cat([x, x.masked_fill(self.prompt_index, self.mask_id)], dim=0)
         row_start = 0 if full else start
         row_stop = x.shape[1] if (full or self.mode == "prefix") else stop
-        hidden = self.cache.hidden(x[:, row_start:row_stop], row_start)
+        rows = x[:, row_start:row_stop]
+        if self.cfg:  # the unconditional copy masks the prompt (only the rows that run)
+            prompt = self.prompt_index[:, row_start:row_stop]
+            rows = torch.cat([rows, rows.masked_fill(prompt, self.mask_id)], dim=0)
+        hidden = self.cache.hidden(rows, row_start)
         logits = self.model.lm_head(hidden[:, start - row_start:stop - row_start])
         if self.cfg:
             return logits[:batch], logits[batch:]
