@@ -36,12 +36,6 @@ def cpu_model():
     return random_llada(d_model=64, n_heads=4, n_layers=2, max_len=256, seed=0)
 
 
-@pytest.fixture(autouse=True)
-def _attention_backend(device, monkeypatch):
-    if device.type == "cpu":  # the Triton interpreter is for correctness, not speed
-        monkeypatch.setenv("GENJO_FAST_ATTENTION", "sdpa")
-
-
 CPU_SETTING = dict(steps=32, gen_length=64, block_length=16)
 CPU_IMPLS = {
     "reference": lambda m, p, a: reference.generate(m, p, a, **CPU_SETTING),

@@ -8,13 +8,8 @@ The GPU cases need CUDA; one tiny case runs everywhere: on CPU through the Trito
 (set here, before triton is imported, when there is no GPU), else on the GPU. Run with
 ``pytest benchmarks/test_bench_flash_attention.py --benchmark-only``.
 """
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():  # before triton is imported: @triton.jit reads it
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton")
 

@@ -39,12 +39,6 @@ def models(device):
     return built
 
 
-@pytest.fixture(autouse=True)
-def _attention_backend(device, monkeypatch):
-    if device.type == "cpu":  # the Triton interpreter is for correctness, not speed
-        monkeypatch.setenv("GENJO_FAST_ATTENTION", "sdpa")
-
-
 # The reference runs first in each case so that the ratios come from one run, side by side.
 @pytest.mark.parametrize("impl", ["reference", "genjo_fast"])
 @pytest.mark.parametrize("model_kind", ["generic", "llada"])

@@ -16,13 +16,8 @@ reference. The GPU cases need CUDA; ``test_bench_tiny`` runs everywhere (on CPU 
 Triton interpreter). Run with
 ``pytest benchmarks/test_bench_gumbel_argmax_confidence.py --benchmark-only -s``.
 """
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():  # before triton is imported: @triton.jit reads it
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton")
 

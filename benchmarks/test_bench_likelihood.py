@@ -42,12 +42,6 @@ def setting(device):
     return model, pairs, draws
 
 
-@pytest.fixture(autouse=True)
-def _attention_backend(device, monkeypatch):
-    if device.type == "cpu":  # the Triton interpreter is for correctness, not speed
-        monkeypatch.setenv("GENJO_FAST_ATTENTION", "sdpa")
-
-
 def _reference(model, pairs, draws):
     return [reference_likelihood.get_log_likelihood(model, p, a, MC_NUM, BATCH_SIZE, 0.,
                                                     MASK_ID, draws=d)

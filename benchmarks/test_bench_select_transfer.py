@@ -12,13 +12,8 @@ Each case stores its time and its speed-up over the reference (same run). The GP
 CUDA; ``test_bench_tiny`` runs everywhere (on CPU through the Triton interpreter). Run with
 ``pytest benchmarks/test_bench_select_transfer.py --benchmark-only -s``.
 """
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():  # before triton is imported: @triton.jit reads it
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton")
 
