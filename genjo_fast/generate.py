@@ -43,12 +43,15 @@ class StepEvent:
 
     Attributes:
         block: index of the current block; step: global step index (0 .. steps - 1).
-        block_start, block_stop: positions ``[block_start, block_stop)`` of the block in ``x``.
+        block_start, block_stop: positions ``[block_start, block_stop)`` of ``x`` sampled at
+            this step: the block (in exact mode it reaches further back only if an earlier
+            block was left with a mask, because the model chose the mask id itself there).
         x: int64 ``(B, Lp + gen_length)``, the sequence after this step's update (do not
             modify it).
-        x0: int64 ``(B, block_length)``, the sampled token at each block position.
-        confidence: ``(B, block_length)``, their scores (``-inf`` where already decoded).
-        transfer: bool ``(B, block_length)``, the positions unmasked by this step.
+        x0: int64 ``(B, block_stop - block_start)``, the sampled token at each position.
+        confidence: ``(B, block_stop - block_start)``, their scores (``-inf`` where already
+            decoded).
+        transfer: bool ``(B, block_stop - block_start)``, the positions unmasked by this step.
     """
     block: int
     step: int
@@ -273,19 +276,23 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
             confidence_eos_eot_inf=confidence_eos_eot_inf, eos_id=eos_id, eot_id=eot_id,
             generator=generator, **_injected(draws, step, start, batch, logits.shape[-1], device))
         x_block = x[:, start:stop]
-        confidence = confidence.masked_fill(x_block != mask_id, -torch.inf)
+        masked = x_block == mask_id
+        confidence = confidence.masked_fill(~masked, -torch.inf)
         if adaptive:
             transfer = ops.select_transfer(confidence, threshold=threshold, factor=factor)
         else:
             transfer = ops.select_transfer(confidence, num_transfer)
-        x[:, start:stop] = torch.where(transfer, x0, x_block)
+        x[:, start:stop] = torch.where(transfer & masked, x0, x_block)
         return x0, confidence, transfer
 
     bar = _progress_bar(progress, None if adaptive else steps)
     nfe = full_forwards = 0
     for block in range(num_blocks):
-        start = prompt_len + block * block_length
-        stop = start + block_length
+        block_start = prompt_len + block * block_length
+        stop = block_start + block_length
+        start = block_start
+        if cache is None and not adaptive and block > 0:
+            start = _first_masked(x, prompt_len, block_start, mask_id)
         graphed = None
         if cuda_graph:
             random = temperature > 0 or remasking == "random"
@@ -353,6 +360,15 @@ class GraphedStep:
         with torch.cuda.graph(self.graph):
             self.outputs = self.fn()
         return outputs
+
+
+def _first_masked(x: torch.Tensor, prompt_len: int, block_start: int, mask_id: int) -> int:
+    """Where the exact sampler's window starts: the block, unless an earlier block left a
+    position masked, which happens only when the model's choice for it was the mask id itself.
+    The reference's row-wide topk still competes such positions, so the window reaches back to
+    the first of them. One host sync per block (not per step)."""
+    left = (x[:, prompt_len:block_start] == mask_id).any(0)
+    return prompt_len + int(left.int().argmax()) if bool(left.any()) else block_start
 
 
 def _injected(draws: Optional[Draws], step: int, start: int, batch: int, vocab: int,

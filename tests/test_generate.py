@@ -115,6 +115,30 @@ def test_ties_go_to_the_lowest_position():
                                                block_length=8, mask_id=mask_id))
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.5])
+def test_model_choosing_the_mask_id(temperature):
+    """When the model's choice for a position is the mask id itself, the reference writes it
+    back, the position stays masked and keeps competing in later blocks' row-wide topk."""
+    vocab, mask_id = 11, 10
+
+    def model(x, attention_mask=None):
+        logits = torch.zeros(*x.shape, vocab)
+        logits[..., 3] = 1.0
+        logits[0, 3, mask_id] = 5.0  # row 0: its first generated position prefers the mask
+        logits[:, 6, 4] = 2.0
+        return logits
+
+    prompt = torch.tensor([[1, 2, 4], [5, 6, 7]])
+    kw = dict(steps=6, gen_length=6, block_length=2, mask_id=mask_id, temperature=temperature)
+    g = torch.Generator().manual_seed(0)
+    draws = TensorDraws(torch.rand(6, 2, 9, vocab, generator=g, dtype=torch.float64))
+    ref = reference.generate(model, prompt, draws=draws, **kw)
+    out = genjo_fast.generate(model, prompt, draws=draws, **kw)
+    assert torch.equal(out, ref)
+    if temperature == 0:
+        assert (ref[0, 3:] == mask_id).any() and not (ref[1] == mask_id).any()
+
+
 def test_bf16_model_ties(tiny_model):
     """bf16 logits round the softmax to bf16, so confidences tie often: still identical."""
     model = FullLogitsOnly(type(tiny_model)(VOCAB, d_model=32, n_heads=2, n_layers=2, seed=1,
@@ -172,8 +196,8 @@ def test_int32_prompt(tiny_model):
     out32 = genjo_fast.generate(tiny_model, prompt.int(), steps=4, gen_length=4,
                                 block_length=4, mask_id=MASK_ID)
     assert out32.dtype == torch.long
-    assert torch.equal(out32, genjo_fast.generate(tiny_model, prompt, steps=4, gen_length=4,
-                                                  block_length=4, mask_id=MASK_ID))
+    assert torch.equal(out32, reference.generate(tiny_model, prompt, steps=4, gen_length=4,
+                                                 block_length=4, mask_id=MASK_ID))
 
 
 # --- same distribution with the default random source ------------------------------------
