@@ -83,7 +83,8 @@ def gumbel_argmax_confidence(
             gumbel = torch.log(gumbel_uniform(a, b)).neg_()
             if temperature != 1:  # x ** 1 == x exactly: skip the pow
                 gumbel.pow_(temperature)
-            x0[:, a:b] = torch.argmax(chunk.to(torch.float64).exp_().div_(gumbel), dim=-1)
+            noised = chunk.to(torch.float64, copy=True)  # never exp_() the caller's float64
+            x0[:, a:b] = torch.argmax(noised.exp_().div_(gumbel), dim=-1)
             del gumbel
 
         if remasking == "low_confidence":
@@ -104,7 +105,7 @@ def sample_categorical(logits: torch.Tensor, temperature: float,
     The distribution of the reference's float64 Gumbel-max, from one uniform per row instead of
     one per logit. Args: logits ``(..., V)``. Returns int64 ``(...)``.
     """
-    weights = logits.to(torch.float64)
+    weights = logits.to(torch.float64, copy=True)  # a private copy, even of float64 logits
     weights = weights.sub_(weights.amax(-1, keepdim=True))
     if temperature != 1:
         weights.div_(temperature)

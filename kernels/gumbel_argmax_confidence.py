@@ -51,7 +51,7 @@ except ImportError:  # genjo_fast imports without triton; is_available() then sa
     triton = None
     tl = None
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 goes to the torch op
 _ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernel's ROUND codes
 REMASKINGS = ("low_confidence", "random")
 
@@ -317,8 +317,9 @@ def _check_inputs(logits, un_logits, temperature, remasking, logits_eos_inf,
     if logits.dim() != 3:
         raise ValueError(f"logits must have shape (batch, positions, vocab), "
                          f"got {tuple(logits.shape)}")
-    if logits.dtype not in _DTYPES:
-        raise TypeError(f"logits dtype must be float32, bfloat16 or float16, got {logits.dtype}")
+    if logits.dtype not in _DTYPES + (torch.float64,):
+        raise TypeError(f"logits dtype must be float32, bfloat16, float16 or float64, got "
+                        f"{logits.dtype}")
     if un_logits is not None:
         if not isinstance(un_logits, torch.Tensor):
             raise TypeError(f"un_logits must be a torch.Tensor or None, "
@@ -462,7 +463,9 @@ def gumbel_argmax_confidence(
     if out is not None:
         _check_out(out, (batch, num_pos), conf_dtype, device)
 
-    if (sample and gumbel_uniform is not None) or (not low_conf and remask_uniform is not None):
+    injected = (sample and gumbel_uniform is not None) or (not low_conf and remask_uniform
+                                                            is not None)
+    if injected or logits.dtype == torch.float64:  # the torch op: reference formula / float64
         x0, confidence = sampling.gumbel_argmax_confidence(
             logits, temperature=temperature, remasking=remasking, un_logits=un_logits,
             cfg_scale=cfg_scale, logits_eos_inf=logits_eos_inf,

@@ -339,7 +339,7 @@ def test_kernel_injected_draws_delegate_to_torch_op(temperature):
 @needs_kernel
 @pytest.mark.parametrize("bad,error,match", [
     (dict(logits=torch.zeros(2, 3)), ValueError, "logits must have shape"),
-    (dict(logits=torch.zeros(1, 2, 3, dtype=torch.float64)), TypeError, "logits dtype"),
+    (dict(logits=torch.zeros(1, 2, 3, dtype=torch.int32)), TypeError, "logits dtype"),
     (dict(un_logits=torch.zeros(1, 2, 5)), ValueError, "un_logits shape"),
     (dict(remasking="lowest"), ValueError, "remasking must be one of"),
     (dict(temperature=-1.0), ValueError, "temperature must be"),
@@ -397,3 +397,29 @@ def test_generate_triton_backend_sampling_reproducible():
             for seed in (0, 0, 1)]
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
     assert not (runs[0] == mask_id).any()
+
+
+@pytest.mark.parametrize("temperature,injected", [(0.0, False), (0.7, False), (0.7, True)])
+def test_float64_logits_are_not_modified(temperature, injected):
+    """float64 logits: .to(float64) is the tensor itself, so the in-place noise must work on a
+    copy; the confidence is computed from the untouched logits."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 33, generator=g, dtype=torch.float64)
+    before = logits.clone()
+    uniform = torch.rand(2, 5, 33, generator=g, dtype=torch.float64)
+    kw = dict(gumbel_uniform=lambda a, b: uniform[:, a:b]) if injected else dict(generator=g)
+    x0, conf = sampling.gumbel_argmax_confidence(logits, temperature=temperature,
+                                                 remasking="low_confidence", **kw)
+    assert torch.equal(logits, before)
+    assert torch.equal(conf, torch.softmax(before, -1).gather(-1, x0[..., None])[..., 0])
+
+
+@needs_kernel
+def test_kernel_float64_logits_run_the_torch_op():
+    """float64 logits (a float64 model) are not a kernel dtype: the launcher hands them to the
+    torch op instead of failing, so an automatic GPU backend still serves float64 models."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 3, 40, generator=g, dtype=torch.float64).to(KDEVICE)
+    got = gk.gumbel_argmax_confidence(logits, temperature=0.0, remasking="low_confidence")
+    want = sampling.gumbel_argmax_confidence(logits, temperature=0.0, remasking="low_confidence")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
