@@ -66,8 +66,11 @@ def factor_transfer_row(confidence: torch.Tensor, factor: float) -> torch.Tensor
     order, the largest prefix of n >= 1 positions whose n-th confidence is
     >= 1 - factor / (n + 1). ``-inf`` entries are never chosen. Returns the chosen indices."""
     order = topk_lowest_position(confidence, int((confidence > -torch.inf).sum()))
+    # The thresholds as a float32 tensor (1-based n: 1 - factor / (n + 1)); a bf16/fp16
+    # confidence is compared with them in float32.
+    thresholds = 1 - factor / (torch.arange(len(order), device=confidence.device) + 2)
     n = 0
-    while n < len(order) and (n == 0 or confidence[order[n]] >= 1 - factor / (n + 2)):
+    while n < len(order) and (n == 0 or confidence[order[n]] >= thresholds[n]):
         n += 1
     return order[:n]
 

@@ -40,19 +40,21 @@ def test_k_zero_selects_nothing():
     assert not sampling.select_transfer(torch.rand(4, 9), torch.zeros(4, dtype=torch.long)).any()
 
 
-def random_rows(batch, num_pos, seed, levels=8):
+def random_rows(batch, num_pos, seed, levels=8, dtype=torch.float32):
     """Confidences in [0, 1] with ties, some -inf (already decoded), one row all -inf."""
     g = torch.Generator().manual_seed(seed)
-    confidence = torch.randint(0, levels + 1, (batch, num_pos), generator=g).float() / levels
+    confidence = (torch.randint(0, levels + 1, (batch, num_pos), generator=g).float()
+                  / levels).to(dtype)
     confidence[torch.rand(batch, num_pos, generator=g) < 0.3] = -torch.inf
     confidence[-1] = -torch.inf
     return confidence
 
 
-@pytest.mark.parametrize("threshold", [0.0, 0.5, 0.9, 1.0, 1.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 0.9, 0.83, 1.0, 1.5])
 @pytest.mark.parametrize("batch,num_pos", [(3, 7), (6, 32)])
-def test_threshold_rule_matches_per_row_statement(threshold, batch, num_pos):
-    confidence = random_rows(batch, num_pos, seed=num_pos)
+def test_threshold_rule_matches_per_row_statement(threshold, batch, num_pos, dtype):
+    confidence = random_rows(batch, num_pos, seed=num_pos, levels=100, dtype=dtype)
     got = sampling.select_transfer(confidence, threshold=threshold)
     for j in range(batch):
         want = torch.zeros(num_pos, dtype=torch.bool)
@@ -62,15 +64,27 @@ def test_threshold_rule_matches_per_row_statement(threshold, batch, num_pos):
     assert (got.sum(1)[:-1] >= 1).all()  # always at least the most confident
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("factor", [0.0, 0.5, 1.0, 2.0, 10.0])
 @pytest.mark.parametrize("batch,num_pos", [(3, 7), (6, 32)])
-def test_factor_rule_matches_per_row_statement(factor, batch, num_pos):
-    confidence = random_rows(batch, num_pos, seed=int(10 * factor) + num_pos, levels=16)
+def test_factor_rule_matches_per_row_statement(factor, batch, num_pos, dtype):
+    confidence = random_rows(batch, num_pos, seed=int(10 * factor) + num_pos, levels=100,
+                             dtype=dtype)
     got = sampling.select_transfer(confidence, factor=factor)
     for j in range(batch):
         want = torch.zeros(num_pos, dtype=torch.bool)
         want[reference.factor_transfer_row(confidence[j], factor)] = True
         assert torch.equal(got[j], want)
+
+
+def test_factor_bf16_thresholds_compare_in_float32():
+    """The review's case: 0.83203125 (bf16) < 1 - 1/6 = 0.8333 in float32, though the bf16
+    rounding of the threshold (0.83203125) would let it pass: the fifth position stops."""
+    c = torch.tensor([[0.99, 0.98, 0.97, 0.96, 0.83203125, 0.1]], dtype=torch.bfloat16)
+    got = sampling.select_transfer(c, factor=1.0)
+    want = torch.zeros_like(got)
+    want[0, reference.factor_transfer_row(c[0], 1.0)] = True
+    assert torch.equal(got, want) and got.sum() == 4
 
 
 def test_threshold_and_factor_by_hand():
