@@ -34,7 +34,7 @@ from .draws import Draws
 from .models import LLaDAModel, from_reference, is_llada
 from .reference import EOS_ID, EOT_ID, MASK_ID, init_sequence
 from .validation import (check_approximate_args, check_cuda_graph_args, check_generate_args,
-                         check_vocab_size)
+                         check_generator, check_vocab_size)
 
 
 @dataclass
@@ -232,7 +232,8 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
     check_generate_args(prompt, attention_mask, steps, gen_length, block_length, temperature,
                         cfg_scale, remasking, mask_id, token_ids)
     check_approximate_args(cache, refresh_every, threshold, factor)
-    check_vocab_size(model_vocab_size(model), mask_id, token_ids, "the model's vocab_size")
+    check_vocab_size(model_vocab_size(model), mask_id, token_ids, "the model's vocab_size",
+                     prompt)
 
     if fast_model and is_llada(model) and not isinstance(model, LLaDAModel):
         model = from_reference(model)
@@ -241,6 +242,7 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
                          f"a reference model with config.model_type 'llada' and "
                          f"fast_model=True), got {type(model).__name__}")
     device = model_device(model, prompt.device)
+    check_generator(generator, device)
     if cuda_graph:
         check_cuda_graph_args(model, device, draws)
     ops = resolve_backend(backend, device)

@@ -30,9 +30,8 @@ from .generate import accepts_logits_slice, model_device, model_vocab_size
 from .models import LLaDAModel, from_reference, is_llada
 from .reference import MASK_ID
 from .reference_likelihood import (MaskDraws, TensorMaskDraws, TorchMaskDraws,
-                                   check_estimator_args, check_mask_id_in_vocab, check_pair,
-                                   mask_counts)
-from .validation import _check_float, _check_int
+                                   check_estimator_args, check_pair, mask_counts)
+from .validation import _check_float, _check_int, check_vocab_size
 
 #: Logit elements per LM-head chunk: bounds the memory of the selected rows' logits.
 _CHUNK_ELEMENTS = 1 << 25
@@ -246,7 +245,7 @@ def get_log_likelihoods(model, pairs: Sequence[Pair], mc_num: int = 128, batch_s
     check_estimator_args(mc_num, batch_size, cfg_scale, mask_id)
     pairs = _check_pairs(pairs, mask_id)
     rows_per_call = _forward_rows(forward_batch_size, batch_size)
-    check_mask_id_in_vocab(model_vocab_size(model), mask_id, "the model's vocab_size")
+    _check_vocab(model, pairs, mask_id)
     sources = _draw_sources(draws, generator, len(pairs))
     rounds = mc_num // batch_size
 
@@ -360,7 +359,7 @@ def greedy_continuations(model, pairs: Sequence[Pair], cfg_scale: float = 0.,
     _check_int("mask_id", mask_id, 0)
     _check_int("forward_batch_size", forward_batch_size, 1)
     pairs = _check_pairs(pairs, mask_id)
-    check_mask_id_in_vocab(model_vocab_size(model), mask_id, "the model's vocab_size")
+    _check_vocab(model, pairs, mask_id)
     scorer = SelectedLogits(model, cfg_scale, mask_id, fast_model)
     device = model_device(scorer.model, torch.device("cpu"))
     order = sorted(range(len(pairs)), key=lambda p: -(len(pairs[p][0]) + len(pairs[p][1])))
@@ -424,6 +423,13 @@ def is_greedy_continuation(model, prompt: torch.Tensor, answer: torch.Tensor,
     return greedy_continuations(model, [(prompt, answer)], cfg_scale, mask_id,
                                 fast_model=fast_model)[0]
 
+
+
+def _check_vocab(model, pairs: Sequence[Pair], mask_id: int) -> None:
+    """The mask id and every prompt/answer token must index the model's vocabulary."""
+    tokens = torch.cat([t.reshape(-1).cpu() for pair in pairs for t in pair])
+    check_vocab_size(model_vocab_size(model), mask_id, {}, "the model's vocab_size",
+                     tokens[None], "a prompt or answer")
 
 def _forward_rows(forward_batch_size: Optional[int], batch_size: int) -> int:
     if forward_batch_size is None:

@@ -16,7 +16,6 @@ sources, the stratified mask counts and the argument checks.
 """
 from __future__ import annotations
 
-import numbers
 from typing import Optional, Protocol, Tuple
 
 import torch
@@ -138,12 +137,6 @@ def check_pair(prompt, answer, mask_id: int, where: str = "") -> None:
                              "positions to predict and cannot be scored or conditioned on")
     if answer.numel() == 0:
         raise ValueError(f"answer{where} is empty: there is nothing to score")
-
-
-def check_mask_id_in_vocab(vocab_size: Optional[int], mask_id: int, source: str) -> None:
-    if isinstance(vocab_size, numbers.Integral) and mask_id >= vocab_size:
-        raise ValueError(f"mask_id={mask_id} is outside the model vocabulary "
-                         f"({source} = {vocab_size})")
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ def _check_float(name: str, value) -> None:
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not value >= 0:  # also rejects NaN
         raise ValueError(f"{name} must be >= 0, got {value}")
+    if value == float("inf"):
+        raise ValueError(f"{name} must be finite, got {value}")
 
 
 def check_generate_args(prompt, attention_mask, steps, gen_length, block_length, temperature,
@@ -76,14 +78,34 @@ def check_generate_args(prompt, attention_mask, steps, gen_length, block_length,
 
 
 def check_vocab_size(vocab_size: Optional[int], mask_id: int, token_ids: dict,
-                     source: str) -> None:
-    """Every special id in use must be a valid index into the model's vocabulary."""
+                     source: str, prompt: Optional[torch.Tensor] = None,
+                     prompt_name: str = "prompt") -> None:
+    """Every special id in use, and every prompt token when ``prompt`` is given, must be a
+    valid index into the model's vocabulary (an embedding lookup would fail obscurely, or
+    with a device-side assert on CUDA)."""
     if vocab_size is None:
         return
     for name, value in {"mask_id": mask_id, **token_ids}.items():
         if value >= vocab_size:
             raise ValueError(f"{name}={value} is outside the model vocabulary "
                              f"({source} = {vocab_size})")
+    if prompt is not None and prompt.numel() and not (
+            0 <= int(prompt.min()) and int(prompt.max()) < vocab_size):
+        raise ValueError(f"{prompt_name} holds token ids outside the model vocabulary "
+                         f"[0, {vocab_size}) "
+                         f"({source}): min {int(prompt.min())}, max {int(prompt.max())}")
+
+
+def check_generator(generator, device: torch.device) -> None:
+    """A ``torch.Generator`` on the device the sampler draws on (the model's), or ``None``."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got "
+                        f"{type(generator).__name__}")
+    if generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device} but the model runs on {device}: "
+                         f"create it with torch.Generator(device={str(device)!r})")
 
 
 def check_approximate_args(cache, refresh_every, threshold, factor) -> None:
@@ -99,8 +121,6 @@ def check_approximate_args(cache, refresh_every, threshold, factor) -> None:
     for name, value in (("threshold", threshold), ("factor", factor)):
         if value is not None:
             _check_float(name, value)
-            if value == float("inf"):
-                raise ValueError(f"{name} must be finite, got {value}")
 
 
 def check_cuda_graph_args(model, device: torch.device, draws) -> None:

@@ -205,3 +205,12 @@ def test_validation_of_pairs(models):
     with pytest.raises(ValueError, match="draws holds 1 sources for 2 pairs"):
         likelihood.get_log_likelihoods(models["llada"], [pair(2, 2), pair(3, 3)], 4, 4,
                                        mask_id=MASK_ID, draws=[TorchMaskDraws()])
+
+
+def test_tokens_outside_the_vocabulary_are_named():
+    from genjo_fast.testing import random_llada
+
+    model = random_llada(50, d_model=16, n_heads=2, n_layers=1)
+    with pytest.raises(ValueError, match=r"a prompt or answer holds token ids outside the model vocabulary"):
+        genjo_fast.get_log_likelihood(model, torch.tensor([1, 60]), torch.tensor([2, 3]),
+                                      mc_num=2, batch_size=2, mask_id=49)

@@ -588,3 +588,8 @@ def test_generate_runs_the_fast_model_on_a_reference_llada_model():
     assert calls == []
     assert torch.equal(genjo_fast.generate(ref, prompt, mask, fast_model=False, **args), want)
     assert len(calls) == 8
+
+
+def test_load_rejects_a_dtype_that_is_not_a_float_dtype(tmp_path):
+    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
+        load_llada(tmp_path, dtype="bfloat16")

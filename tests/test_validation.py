@@ -38,6 +38,12 @@ def call(model, prompt=PROMPT, **kw):
      "mask_id=135 is outside the model vocabulary"),
     (dict(logits_eos_inf=True, eos_id=VOCAB), ValueError, "eos_id=130 is outside"),
     (dict(backend="cuda-magic"), ValueError, "backend='cuda-magic' is not known"),
+    (dict(cfg_scale=float("inf")), ValueError, "cfg_scale must be finite"),
+    (dict(temperature=float("inf")), ValueError, "temperature must be finite"),
+    (dict(prompt=torch.tensor([[1, VOCAB + 3]])), ValueError,
+     r"prompt holds token ids outside the model vocabulary \[0, 130\)"),
+    (dict(prompt=torch.tensor([[-1, 2]])), ValueError, "prompt holds token ids outside"),
+    (dict(generator="seed"), TypeError, "generator must be a torch.Generator"),
 ])
 def test_bad_arguments(tiny_model, kw, error, match):
     with pytest.raises(error, match=match):

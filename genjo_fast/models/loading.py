@@ -154,6 +154,9 @@ def load_llada(path: PathLike, dtype: torch.dtype = torch.bfloat16,
         NotImplementedError: the config uses a flag this implementation does not support.
         FileNotFoundError: no config or weights in ``path``.
     """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype (e.g. torch.bfloat16), "
+                        f"got {dtype!r}")
     directory = Path(path)
     with open(directory / CONFIG_NAME) as f:
         config = LLaDAConfig.from_dict(json.load(f))
