@@ -299,7 +299,7 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
         if cuda_graph:
             random = temperature > 0 or remasking == "random"
             graphed = GraphedStep(lambda a=start, b=stop: denoise_step(a, b, -1, False),
-                                  generator if random else None)
+                                  generator if random else None, device)
         for i, k in enumerate(schedule):
             # Adaptive decoding ends a block when no row has a mask left in it: one host sync
             # per step, in that approximate mode only (a full block needs no check).
@@ -336,13 +336,19 @@ class GraphedStep:
     host synchronisation.
     """
 
-    def __init__(self, fn: Callable[[], tuple], generator: Optional[torch.Generator]):
+    def __init__(self, fn: Callable[[], tuple], generator: Optional[torch.Generator],
+                 device: torch.device):
         self.fn = fn
         self.generator = generator
+        self.device = device
         self.graph = None
         self.outputs = None
 
     def __call__(self) -> tuple:
+        with torch.cuda.device(self.device):  # streams and graphs of the model's GPU
+            return self._replay_or_capture()
+
+    def _replay_or_capture(self) -> tuple:
         if self.graph is not None:
             self.graph.replay()
             return self.outputs

@@ -5,7 +5,7 @@ import torch
 
 import genjo_fast
 from genjo_fast import TensorDraws, reference
-from genjo_fast.testing import FullLogitsOnly, random_prompts
+from genjo_fast.testing import FullLogitsOnly, TinyBidirectionalLM, random_prompts
 
 from conftest import EOS_ID, EOT_ID, MASK_ID, PAD_ID, VOCAB
 
@@ -145,6 +145,19 @@ def test_bf16_model_ties(tiny_model):
                                             dtype=torch.bfloat16))
     prompt, attention_mask = random_prompts(4, 6, VOCAB, pad_id=PAD_ID, avoid=(MASK_ID,))
     ref, out = both(model, prompt, attention_mask, steps=16, gen_length=16, block_length=8)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.5])
+def test_bf16_block_rows_lm_head_matches_reference(cfg_scale):
+    """bf16, with CFG, the LM head on block rows only (logits_slice) against the reference's
+    full-logits forward of the same model: identical tokens (CPU GEMM rows do not depend on
+    how many rows are computed; checked on GPU by benchmarks/test_bench_agreement.py)."""
+    model = TinyBidirectionalLM(VOCAB, d_model=32, n_heads=2, n_layers=2, seed=2,
+                                dtype=torch.bfloat16)
+    prompt, attention_mask = random_prompts(3, 6, VOCAB, pad_id=PAD_ID, avoid=(MASK_ID,))
+    ref, out = both(model, prompt, attention_mask, steps=8, gen_length=16, block_length=8,
+                    cfg_scale=cfg_scale, logits_eos_inf=True, confidence_eos_eot_inf=True)
     assert torch.equal(out, ref)
 
 
