@@ -166,8 +166,10 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
 
     Same positional signature, defaults and result as the reference (``shared/LLADA_FACTS.md``).
     At temperature 0 with ``low_confidence`` remasking the tokens are identical to the
-    reference's for the same model; with temperature > 0 or ``random`` remasking they follow
-    the same distribution, and are identical when both are handed the same ``draws``.
+    reference's for the same model forward; with temperature > 0 or ``random`` remasking they
+    follow the same distribution, and are identical when both are handed the same ``draws``.
+    (A transformers-loaded LLaDA model runs through genjo_fast's own implementation of the same
+    function unless ``fast_model=False``: in bf16 its rounding differs, see ``fast_model``.)
 
     Tie rule: when several masked positions have the same confidence and not all of them can
     be transferred at a step, the lowest positions are transferred first (what the reference
