@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .generate import model_device
 from .reference import MASK_ID, model_logits
-from .validation import _check_float, _check_int
+from .validation import _check_float, _check_int, check_token_tensor
 
 # --------------------------------------------------------------------------------------------
 # Random draws
@@ -126,12 +126,7 @@ def check_pair(prompt, answer, mask_id: int, where: str = "") -> None:
     """``prompt`` (possibly empty) and ``answer`` (non-empty): 1-D integer tensors without
     ``mask_id``. ``where`` (e.g. ``" of pair 3"``) is appended to the argument names."""
     for name, value in (("prompt", prompt), ("answer", answer)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name}{where} must be a torch.Tensor, got {type(value).__name__}")
-        if value.dim() != 1:
-            raise ValueError(f"{name}{where} must have shape (length,), got {tuple(value.shape)}")
-        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
-            raise TypeError(f"{name}{where} must hold integer token ids, got dtype {value.dtype}")
+        check_token_tensor(f"{name}{where}", value, 1, "(length,)")
         if bool((value == mask_id).any()):
             raise ValueError(f"{name}{where} contains mask_id={mask_id}: the mask id marks "
                              "positions to predict and cannot be scored or conditioned on")

@@ -25,18 +25,24 @@ def _check_float(name: str, value) -> None:
         raise ValueError(f"{name} must be finite, got {value}")
 
 
+def check_token_tensor(name: str, value, dims: int, shape: str) -> None:
+    """``value`` must be an integer tensor of token ids with ``dims`` dimensions (``shape``
+    describes them in messages, e.g. ``"(batch, prompt_length)"``)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dim() != dims:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
+    if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, got dtype {value.dtype}")
+
+
 def check_generate_args(prompt, attention_mask, steps, gen_length, block_length, temperature,
                         cfg_scale, remasking, mask_id, token_ids: dict) -> None:
     """Validates the arguments of ``generate`` that do not need the model.
 
     ``token_ids`` maps argument names (``eos_id``...) to the special ids in use.
     """
-    if not isinstance(prompt, torch.Tensor):
-        raise TypeError(f"prompt must be a torch.Tensor, got {type(prompt).__name__}")
-    if prompt.dim() != 2:
-        raise ValueError(f"prompt must have shape (batch, prompt_length), got {tuple(prompt.shape)}")
-    if prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool:
-        raise TypeError(f"prompt must hold integer token ids, got dtype {prompt.dtype}")
+    check_token_tensor("prompt", prompt, 2, "(batch, prompt_length)")
     if prompt.shape[0] == 0:
         raise ValueError("prompt has an empty batch")
     for name, value in (("steps", steps), ("gen_length", gen_length),
