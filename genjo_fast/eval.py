@@ -64,7 +64,7 @@ from tqdm.auto import tqdm
 
 from .generate import generate
 from .likelihood import DEFAULT_FORWARD_ROWS, get_log_likelihoods, greedy_continuations
-from .reference import MASK_ID
+from .contract import MASK_ID
 from .reference_likelihood import TorchMaskDraws, check_estimator_args
 from .validation import REMASKING_MODES
 

@@ -22,7 +22,6 @@ What makes it faster than :func:`genjo_fast.reference.generate` without changing
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -30,9 +29,10 @@ import torch
 
 from .backends import resolve_backend
 from .cache import CachedBlockLogits
+from .contract import (EOS_ID, EOT_ID, MASK_ID, accepts_logits_slice, call_model,
+                       init_sequence, model_device, model_vocab_size)
 from .draws import Draws
 from .models import LLaDAModel, from_reference, is_llada
-from .reference import EOS_ID, EOT_ID, MASK_ID, init_sequence
 from .validation import (check_approximate_args, check_cuda_graph_args, check_generate_args,
                          check_generator, check_vocab_size)
 
@@ -79,36 +79,6 @@ def transfer_schedule(num_masked: int, steps: int) -> list:
     return [base + (i < remainder) for i in range(steps)]
 
 
-def accepts_logits_slice(model) -> bool:
-    """True when ``model``'s forward takes ``logits_slice=`` (logits for chosen rows only)."""
-    forward = model.forward if isinstance(model, torch.nn.Module) else model
-    try:
-        return "logits_slice" in inspect.signature(forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def model_device(model, fallback: torch.device) -> torch.device:
-    """The device the model computes on: ``model.device``, else its first parameter's."""
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    if isinstance(model, torch.nn.Module):
-        for param in model.parameters():
-            return param.device
-    return fallback
-
-
-def model_vocab_size(model) -> Optional[int]:
-    """``model.config.vocab_size``, else the input embedding's size, else ``None``."""
-    size = getattr(getattr(model, "config", None), "vocab_size", None)
-    if isinstance(size, int):
-        return size
-    get_embeddings = getattr(model, "get_input_embeddings", None)
-    embeddings = get_embeddings() if callable(get_embeddings) else None
-    return getattr(embeddings, "num_embeddings", None)
-
-
 class BlockLogits:
     """Runs the model and returns the logits of the block rows only.
 
@@ -135,12 +105,7 @@ class BlockLogits:
         if self.cfg:
             x = torch.cat([x, x.masked_fill(self.prompt_index, self.mask_id)], dim=0)
         kwargs = {"logits_slice": slice(start, stop)} if self.trims else {}
-        out = self.model(x, attention_mask=self.attention_mask, **kwargs)
-        logits = out if isinstance(out, torch.Tensor) else out.logits
-        expected_rows = stop - start if self.trims else x.shape[1]
-        if logits.dim() != 3 or logits.shape[:2] != (x.shape[0], expected_rows):
-            raise ValueError(f"the model returned logits of shape {tuple(logits.shape)}; expected "
-                             f"({x.shape[0]}, {expected_rows}, vocab_size)")
+        logits = call_model(self.model, x, self.attention_mask, **kwargs)
         if not self.trims:
             logits = logits[:, start:stop]
         if self.cfg:

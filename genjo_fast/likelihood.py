@@ -26,9 +26,8 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .generate import accepts_logits_slice, model_device, model_vocab_size
+from .contract import MASK_ID, accepts_logits_slice, model_device, model_vocab_size
 from .models import LLaDAModel, from_reference, is_llada
-from .reference import MASK_ID
 from .reference_likelihood import (MaskDraws, TensorMaskDraws, TorchMaskDraws,
                                    check_estimator_args, check_pair, mask_counts)
 from .validation import _check_float, _check_int, check_vocab_size

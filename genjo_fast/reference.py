@@ -19,17 +19,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .contract import EOS_ID, EOT_ID, MASK_ID, combine_cfg, init_sequence, model_logits
 from .draws import Draws, TorchDraws
-
-MASK_ID = 126336
-EOS_ID = 126081  # <|endoftext|>, also the padding token
-EOT_ID = 126348  # <|eot_id|>
-
-
-def model_logits(model, x: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """Runs ``model(x, attention_mask=...)`` and returns its logits ``(B, L, V)``."""
-    out = model(x, attention_mask=attention_mask)
-    return out if isinstance(out, torch.Tensor) else out.logits
 
 
 def get_num_transfer_tokens(block_mask_index: torch.Tensor, steps: int) -> torch.Tensor:
@@ -87,20 +78,6 @@ def add_gumbel_noise(logits: torch.Tensor, temperature: float, uniform) -> torch
     logits = logits.to(torch.float64)
     gumbel_noise = (-torch.log(uniform())) ** temperature
     return logits.exp() / gumbel_noise
-
-
-def init_sequence(prompt: torch.Tensor, attention_mask: Optional[torch.Tensor], gen_length: int,
-                  mask_id: int, device: torch.device):
-    """``x`` = the prompt followed by ``gen_length`` masks, int64 ``(B, Lp + gen_length)`` on
-    ``device``; the attention mask, if any, extended with ones for the generated positions."""
-    batch, prompt_len = prompt.shape
-    x = torch.full((batch, prompt_len + gen_length), mask_id, dtype=torch.long, device=device)
-    x[:, :prompt_len] = prompt.to(device)
-    if attention_mask is not None:
-        attention_mask = attention_mask.to(device)
-        attention_mask = torch.cat(
-            [attention_mask, attention_mask.new_ones((batch, gen_length))], dim=-1)
-    return x, attention_mask
 
 
 def sample_step(logits, temperature, remasking, logits_eos_inf, confidence_eos_eot_inf,
@@ -178,7 +155,7 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
                 mask_ = None if attention_mask is None else torch.cat([attention_mask] * 2, dim=0)
                 logits = model_logits(model, x_, mask_)
                 logits, un_logits = torch.chunk(logits, 2, dim=0)
-                logits = un_logits + (cfg_scale + 1) * (logits - un_logits)
+                logits = combine_cfg(logits, un_logits, cfg_scale)
             else:
                 logits = model_logits(model, x, attention_mask)
 
@@ -285,7 +262,7 @@ def generate_approximate(model, prompt, attention_mask=None, steps=128, gen_leng
             logits = model.lm_head(hidden)  # (B or 2B, block_length, V)
             if cfg_scale > 0.:
                 logits, un_logits = torch.chunk(logits, 2, dim=0)
-                logits = un_logits + (cfg_scale + 1) * (logits - un_logits)
+                logits = combine_cfg(logits, un_logits, cfg_scale)
 
             vocab = logits.shape[-1]
             x0, x0_p = sample_step(

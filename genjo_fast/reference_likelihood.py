@@ -21,8 +21,7 @@ from typing import Optional, Protocol, Tuple
 import torch
 import torch.nn.functional as F
 
-from .generate import model_device
-from .reference import MASK_ID, model_logits
+from .contract import MASK_ID, model_device, model_logits
 from .validation import _check_float, _check_int, check_token_tensor
 
 # --------------------------------------------------------------------------------------------

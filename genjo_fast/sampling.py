@@ -11,16 +11,10 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .contract import combine_cfg
+
 # Upper bound on the elements of one float64 temporary at temperature > 0 (64 MiB).
 _MAX_CHUNK_ELEMENTS = 8 * 2**20
-
-
-def combine_cfg(logits: torch.Tensor, un_logits: Optional[torch.Tensor],
-                cfg_scale: float) -> torch.Tensor:
-    """Classifier-free guidance as the reference computes it, in the logits' dtype."""
-    if un_logits is None:
-        return logits
-    return un_logits + (cfg_scale + 1) * (logits - un_logits)
 
 
 def gumbel_argmax_confidence(

@@ -41,6 +41,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from genjo_fast import sampling
+from genjo_fast.contract import combine_cfg
 
 from ._runtime import availability, is_interpreted
 
@@ -572,7 +573,7 @@ def _recompute_confidence(logits, un_logits, cfg_scale, x0, confidence, rows, te
         b, n = r // num_pos, r % num_pos
         chunk = logits[b, n]  # [K, V] a gathered copy: the EOS options may write into it
         if un_logits is not None:
-            chunk = sampling.combine_cfg(chunk, un_logits[b, n], cfg_scale)
+            chunk = combine_cfg(chunk, un_logits[b, n], cfg_scale)
         if logits_eos_inf:
             chunk[:, eos_id] = -torch.inf
         flat_conf[r] = sampling.softmax_confidence(chunk, flat_x0[r], temperature,

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from genjo_fast import reference, sampling
+from genjo_fast.contract import combine_cfg
 
 
 def reference_sample(logits, un_logits, cfg_scale, temperature, remasking, eos_inf, eot_inf,
@@ -218,7 +219,7 @@ def test_kernel_fp32_confidence_close_to_softmax(dtype, temperature):
     x0, conf = gk.gumbel_argmax_confidence(logits, exact_confidence=False,
                                            generator=make_generator(0), **kw)
     assert conf.dtype == torch.float32
-    chunk = sampling.combine_cfg(logits, un, 1.5).double()
+    chunk = combine_cfg(logits, un, 1.5).double()
     chunk[..., KERNEL_EOT] = -torch.inf
     if temperature == 0:
         chunk[..., KERNEL_EOS] = -torch.inf
