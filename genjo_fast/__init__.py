@@ -28,7 +28,8 @@ _import_source_tree_kernels()
 from . import reference  # noqa: E402
 from .backends import available_backends  # noqa: E402
 from .draws import TensorDraws, TorchDraws  # noqa: E402
-from .generate import GenerateStats, StepEvent, generate  # noqa: E402
+from .engine import GenerateStats, StepEvent  # noqa: E402
+from .generate import generate  # noqa: E402
 from .likelihood import get_log_likelihood, get_log_likelihoods, is_greedy_continuation  # noqa: E402
 
 __version__ = "0.1.0"

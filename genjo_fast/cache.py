@@ -1,6 +1,6 @@
 """Block KV cache for genjo_fast's LLaDA model (approximate, opt-in: ``cache="prefix"|"dual"``).
 
-Semantics are Fast-dLLM's (``shared/LLADA_FACTS.md``; plain statement:
+Semantics are Fast-dLLM's (``docs/semantics.md``; plain statement:
 :func:`genjo_fast.reference.generate_approximate`): each block starts with a full forward that
 fills the cache and gives the block's first logits; later steps run only the block (``dual``)
 or the block and everything after it (``prefix``) against the cached K/V.
@@ -64,7 +64,7 @@ class BlockCache:
 
 
 class CachedBlockLogits:
-    """Drop-in for :class:`genjo_fast.generate.BlockLogits` that runs through a
+    """The cached model runner (like :class:`genjo_fast.runners.FullForward`), through a
     :class:`BlockCache`: ``__call__(x, start, stop, full)`` returns the block's logits (and the
     unconditional half with CFG); ``full`` forces a full forward that refills the cache."""
 
@@ -95,3 +95,49 @@ class CachedBlockLogits:
         if self.cfg:
             return logits[:batch], logits[batch:]
         return logits, None
+
+
+def cache_bytes(model: LLaDAModel, batch: int, seq_len: int) -> int:
+    """Bytes of the K and V caches of ``batch`` rows of ``seq_len`` positions."""
+    config = model.config
+    per_position = 2 * config.n_layers * config.n_kv_heads * config.head_dim
+    return per_position * batch * seq_len * model.dtype.itemsize
+
+
+def free_device_memory(device: torch.device) -> Optional[int]:
+    """Free bytes on a CUDA device (``torch.cuda.mem_get_info``); ``None`` elsewhere (host
+    memory is not checked)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.mem_get_info(device)[0]
+
+
+def check_cache_fits(model: LLaDAModel, batch: int, seq_len: int,
+                     free_bytes: Optional[int] = None) -> None:
+    """Refuses a block cache that cannot fit in the device's free memory, before allocating.
+
+    Args:
+        batch: rows the model sees (``2B`` with classifier-free guidance).
+        seq_len: prompt plus generated length.
+        free_bytes: free memory to check against; default: the model device's
+            (:func:`free_device_memory`; nothing is checked off CUDA).
+    Raises:
+        MemoryError naming the need, the free memory and the largest batch (at this length)
+        and length (at this batch) that fit.
+    """
+    if free_bytes is None:
+        free_bytes = free_device_memory(model.device)
+    if free_bytes is None:
+        return
+    need = cache_bytes(model, batch, seq_len)
+    if need <= free_bytes:
+        return
+    per_row = cache_bytes(model, 1, seq_len)
+    per_position = cache_bytes(model, batch, 1)
+    gib = 2.0 ** 30
+    raise MemoryError(
+        f"the block cache needs {need / gib:.1f} GiB for {batch} rows x {seq_len} positions "
+        f"({model.config.n_layers} layers of K and V), but {free_bytes / gib:.1f} GiB are free "
+        f"on {model.device}: at most {free_bytes // per_row} rows at this length, or "
+        f"{free_bytes // per_position} positions at this batch, fit (classifier-free guidance "
+        f"doubles the rows)")

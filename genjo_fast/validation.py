@@ -19,10 +19,8 @@ def _check_int(name: str, value, minimum: int) -> None:
 def _check_float(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not value >= 0:  # also rejects NaN
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    if value == float("inf"):
-        raise ValueError(f"{name} must be finite, got {value}")
+    if not 0 <= value < float("inf"):  # also rejects NaN
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
 
 
 def check_token_tensor(name: str, value, dims: int, shape: str) -> None:
@@ -34,6 +32,8 @@ def check_token_tensor(name: str, value, dims: int, shape: str) -> None:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
     if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer token ids, got dtype {value.dtype}")
+    if value.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (it holds no data); pass real token ids")
 
 
 def check_generate_args(prompt, attention_mask, steps, gen_length, block_length, temperature,
@@ -127,6 +127,26 @@ def check_approximate_args(cache, refresh_every, threshold, factor) -> None:
     for name, value in (("threshold", threshold), ("factor", factor)):
         if value is not None:
             _check_float(name, value)
+    # Values at which no position but the most confident one could ever pass would run one
+    # token per step while ignoring ``steps``: refuse them.
+    if threshold is not None and threshold > 1:
+        raise ValueError(f"threshold must be in [0, 1] (a probability; above 1 only the most "
+                         f"confident position passes), got {threshold}")
+    if factor is not None and factor == 0:
+        raise ValueError("factor must be > 0 (at 0 no position but the most confident one "
+                         "passes), got 0")
+
+
+def check_model_not_meta(model) -> None:
+    """The model's parameters may not live on the meta device (they hold no data: every step
+    would fail deep inside with an obscure error)."""
+    if isinstance(model, torch.nn.Module):
+        for param in model.parameters():
+            if param.device.type == "meta":
+                raise ValueError("the model's parameters are on the meta device (no weights "
+                                 "loaded): load them first, e.g. model.to_empty(device=...) "
+                                 "and load_state_dict, or genjo_fast.models.load_llada")
+            break
 
 
 def check_cuda_graph_args(model, device: torch.device, draws) -> None:

@@ -100,13 +100,17 @@ def test_refresh_every_step_is_exact(model, cache):
     assert (stats.nfe, stats.full_forwards) == (6, 6)
 
 
-def test_threshold_above_one_is_one_token_per_step(model):
-    """A threshold no confidence can reach transfers only the most confident position per
-    step: the fixed schedule with steps = gen_length."""
-    got, _, stats, (prompt, attention_mask, args, _) = run_both(model, 3, threshold=1.01)
+def test_threshold_one_is_one_token_per_step(model):
+    """A threshold no confidence reaches (1: no probability here is exactly 1) transfers only
+    the most confident position per step: the fixed schedule with steps = gen_length."""
+    got, _, stats, (prompt, attention_mask, args, _) = run_both(model, 3, threshold=1.0)
+    events = []
     args.update(steps=12)
-    assert torch.equal(got, genjo_fast.generate(model, prompt, attention_mask, **args))
+    want = genjo_fast.generate(model, prompt, attention_mask,
+                               observer=lambda e: events.append(e.confidence.max()), **args)
+    assert torch.equal(got, want)
     assert stats.nfe == 12
+    assert max(events) < 1  # the premise: no confidence reached the threshold
 
 
 def test_threshold_zero_is_one_step_per_block(model):
@@ -150,11 +154,31 @@ def test_cache_needs_llada_model():
     (dict(refresh_every=2), "refresh_every needs a cache"),
     (dict(cache="dual", refresh_every=0), "refresh_every must be >= 1"),
     (dict(threshold=0.5, factor=1.0), "threshold and factor are exclusive"),
-    (dict(threshold=-0.1), "threshold must be >= 0"),
-    (dict(factor=float("inf")), "factor must be finite"),
+    (dict(threshold=-0.1), "threshold must be finite and >= 0"),
+    (dict(threshold=1.01), r"threshold must be in \[0, 1\]"),
+    (dict(factor=float("inf")), "factor must be finite and >= 0"),
+    (dict(factor=0.0), "factor must be > 0"),
     (dict(cache="dual", cuda_graph=True), "cuda_graph=True needs the model on a CUDA device"),
 ])
 def test_bad_approximate_arguments(model, kw, match):
     with pytest.raises(ValueError, match=match):
         genjo_fast.generate(model, torch.tensor([[1, 2]]), steps=4, gen_length=4,
                             block_length=4, mask_id=MASK_ID, **kw)
+
+
+def test_cache_memory_check_names_what_fits():
+    """LLaDA-8B's shape at batch 64 x 4096 needs 128 GiB of K/V in bf16: refused before any
+    allocation, naming the largest batch and length that fit."""
+    from genjo_fast.cache import cache_bytes, check_cache_fits
+    from genjo_fast.models import LLaDAConfig, LLaDAModel
+
+    with torch.device("meta"):
+        big = LLaDAModel(LLaDAConfig(d_model=4096, n_heads=32, n_layers=32,
+                                     mlp_hidden_size=12288)).to(torch.bfloat16)
+    assert cache_bytes(big, 64, 4096) == 2 * 32 * 4096 * 64 * 4096 * 2  # 128 GiB
+    free = 80 * 2**30
+    with pytest.raises(MemoryError, match=r"needs 128\.0 GiB for 64 rows x 4096 positions .* "
+                                          r"80\.0 GiB are free .* at most 40 rows at this "
+                                          r"length, or 2560 positions at this batch"):
+        check_cache_fits(big, 64, 4096, free_bytes=free)
+    check_cache_fits(big, 40, 4096, free_bytes=free)  # fits: no error

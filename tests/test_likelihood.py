@@ -176,7 +176,7 @@ def test_greedy_batched_equals_reference(models):
     (dict(prompt=torch.ones(2, 3, dtype=torch.long)), ValueError, "prompt must have shape"),
     (dict(answer=torch.ones(3)), TypeError, "answer must hold integer token ids"),
     (dict(answer=[1, 2]), TypeError, "answer must be a torch.Tensor"),
-    (dict(cfg_scale=-1.0), ValueError, "cfg_scale must be >= 0"),
+    (dict(cfg_scale=-1.0), ValueError, "cfg_scale must be finite and >= 0"),
     (dict(mask_id=VOCAB + 3), ValueError, "mask_id=133 is outside the model vocabulary"),
     (dict(forward_batch_size=0), ValueError, "forward_batch_size must be >= 1"),
     (dict(draws=TensorMaskDraws(torch.tensor([1, 1]), torch.zeros(2, 4, 9, dtype=torch.long))),

@@ -31,15 +31,18 @@ def call(model, prompt=PROMPT, **kw):
     (dict(prompt=torch.tensor([[MASK_ID, 2, 3]]), attention_mask=torch.tensor([[0, 1, 1]])),
      ValueError, "mask_id=129 in its padding"),
     (dict(remasking="top_p"), ValueError, "remasking must be one of"),
-    (dict(temperature=-0.1), ValueError, "temperature must be >= 0"),
-    (dict(temperature=float("nan")), ValueError, "temperature must be >= 0"),
-    (dict(cfg_scale=-1.0), ValueError, "cfg_scale must be >= 0"),
+    (dict(temperature=-0.1), ValueError, "temperature must be finite and >= 0"),
+    (dict(temperature=float("nan")), ValueError, "temperature must be finite and >= 0"),
+    (dict(cfg_scale=-1.0), ValueError, "cfg_scale must be finite and >= 0"),
     (dict(mask_id=VOCAB + 5, prompt=torch.tensor([[1, 2]])), ValueError,
      "mask_id=135 is outside the model vocabulary"),
     (dict(logits_eos_inf=True, eos_id=VOCAB), ValueError, "eos_id=130 is outside"),
     (dict(backend="cuda-magic"), ValueError, "backend='cuda-magic' is not known"),
-    (dict(cfg_scale=float("inf")), ValueError, "cfg_scale must be finite"),
-    (dict(temperature=float("inf")), ValueError, "temperature must be finite"),
+    (dict(cfg_scale=float("inf")), ValueError, "cfg_scale must be finite and >= 0"),
+    (dict(temperature=float("inf")), ValueError, "temperature must be finite and >= 0"),
+    (dict(cfg_scale=float("nan")), ValueError, "cfg_scale must be finite and >= 0, got nan"),
+    (dict(prompt=torch.tensor([[1, 2]], device="meta")), ValueError,
+     "prompt is on the meta device"),
     (dict(prompt=torch.tensor([[1, VOCAB + 3]])), ValueError,
      r"prompt holds token ids outside the model vocabulary \[0, 130\)"),
     (dict(prompt=torch.tensor([[-1, 2]])), ValueError, "prompt holds token ids outside"),
@@ -77,4 +80,22 @@ def test_env_backend(tiny_model, monkeypatch):
 def test_model_with_config_vocab():
     model = TinyBidirectionalLM(100, d_model=16, n_heads=2, n_layers=1)
     with pytest.raises(ValueError, match=r"vocab_size = 100"):
+        call(model)
+
+
+def test_model_returning_a_tuple():
+    """A transformers model called with return_dict=False returns a tuple: the error says
+    what was expected instead of an AttributeError."""
+    def model(x, attention_mask=None):
+        return (torch.zeros(*x.shape, VOCAB),)
+
+    with pytest.raises(TypeError, match=r"the model returned tuple; expected an object with a "
+                                        r"\.logits tensor"):
+        call(model)
+
+
+def test_meta_device_model():
+    with torch.device("meta"):
+        model = TinyBidirectionalLM(VOCAB, d_model=16, n_heads=2, n_layers=1, seed=None)
+    with pytest.raises(ValueError, match="the model's parameters are on the meta device"):
         call(model)

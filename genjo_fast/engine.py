@@ -1,0 +1,173 @@
+"""The denoising engine: one loop for every masked-diffusion family.
+
+A call is a sequence of *windows* (runs of steps over positions ``[start, stop)`` of the
+canvas ``x``: LLaDA's blocks, Dream's whole answer), and every step is the same four stages:
+
+    logits = runner(x, start, stop, full)          # genjo_fast.runners / genjo_fast.cache
+    x0, confidence = sampler(logits, step, start)  # the family's sampling/confidence rule
+    transfer = rule(confidence, masked, step)      # which masked positions to unmask
+    x[start:stop] = where(transfer, x0, x)         # update, then the observer
+
+A family configures the parts; :func:`denoise` runs them top to bottom. Nothing here knows a
+family: LLaDA's ``generate`` (:mod:`genjo_fast.generate`) and Dream's ``diffusion_generate``
+(:mod:`genjo_fast.dream`) are thin front-ends that validate, build the parts and call
+:func:`denoise`.
+
+The parts' contracts:
+
+* runner ``(x, start, stop, full) -> (logits, un_logits)``, each ``(B, stop - start, V)``;
+* sampler ``(logits, un_logits, step, start) -> (x0, confidence)``: int64 ``(B, n)`` and
+  float ``(B, n)``;
+* rule: a :class:`TransferRule`. ``prepare(i)`` runs on the host before step ``i`` of a window
+  (outside any CUDA graph) and says whether the step can transfer anything; ``__call__``
+  returns the bool ``(B, n)`` transfer mask from the confidences (``-inf`` where not masked).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Protocol, Tuple
+
+import torch
+
+
+@dataclass
+class Window:
+    """A run of up to ``steps`` steps sampling positions ``[start, stop)`` of ``x``.
+
+    ``block`` numbers the window; ``first_step`` is the global index of its first step.
+    ``until_decoded``: stop early once no position of the window is masked (adaptive rules).
+    """
+    block: int
+    start: int
+    stop: int
+    steps: int
+    first_step: int
+    until_decoded: bool = False
+
+
+@dataclass
+class StepEvent:
+    """What an ``observer`` sees after each step that ran the model. Tensors live on the
+    sampling device.
+
+    Attributes:
+        block: index of the current window (LLaDA's block); step: global step index.
+        block_start, block_stop: positions ``[block_start, block_stop)`` of ``x`` sampled at
+            this step.
+        x: int64 ``(B, L)``, the sequence after this step's update (do not modify it).
+        x0: int64 ``(B, block_stop - block_start)``, the sampled token at each position.
+        confidence: ``(B, block_stop - block_start)``, their scores (``-inf`` where already
+            decoded).
+        transfer: bool ``(B, block_stop - block_start)``, the positions unmasked by this step.
+    """
+    block: int
+    step: int
+    block_start: int
+    block_stop: int
+    x: torch.Tensor
+    x0: torch.Tensor
+    confidence: torch.Tensor
+    transfer: torch.Tensor
+
+
+@dataclass
+class GenerateStats:
+    """Counts of one call: ``nfe``, model forward passes, one per denoising step that ran (a
+    CFG pair runs as one batch); ``full_forwards``, those over the whole sequence (with a
+    cache, the others run only the block, or the block and what follows)."""
+    nfe: int = 0
+    full_forwards: int = 0
+
+
+class TransferRule(Protocol):
+    """Chooses the positions to unmask at a step (see the module docstring)."""
+
+    def prepare(self, i: int) -> bool:
+        """Host-side set-up of step ``i`` of the current window; ``False``: the step transfers
+        nothing and is skipped (no forward, no observer call)."""
+        ...
+
+    def __call__(self, confidence: torch.Tensor, masked: torch.Tensor,
+                 step: int) -> torch.Tensor:
+        ...
+
+
+Sampler = Callable[[torch.Tensor, Optional[torch.Tensor], int, int],
+                   Tuple[torch.Tensor, torch.Tensor]]
+Runner = Callable[[torch.Tensor, int, int, bool], Tuple[torch.Tensor, Optional[torch.Tensor]]]
+
+
+def denoise_step(x: torch.Tensor, start: int, stop: int, step: int, full: bool, runner: Runner,
+                 sampler: Sampler, rule: TransferRule,
+                 mask_id: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step: forward -> sample -> select -> update ``x[:, start:stop]`` in place.
+
+    Static shapes and (with the torch backend) no host sync: this is what a CUDA graph
+    captures. Returns ``(x0, confidence, transfer)`` of the window, each ``(B, stop - start)``.
+    """
+    logits, un_logits = runner(x, start, stop, full)
+    x0, confidence = sampler(logits, un_logits, step, start)
+    x_window = x[:, start:stop]
+    masked = x_window == mask_id
+    confidence = confidence.masked_fill(~masked, -torch.inf)
+    transfer = rule(confidence, masked, step)
+    x[:, start:stop] = torch.where(transfer & masked, x0, x_window)
+    return x0, confidence, transfer
+
+
+def denoise(x: torch.Tensor, windows: Iterable[Window], runner: Runner, sampler: Sampler,
+            rule: TransferRule, *, mask_id: int, refresh_every: Optional[int] = None,
+            cached: bool = False, graph_step: Optional[Callable[..., Callable]] = None,
+            observer: Optional[Callable[[StepEvent], None]] = None,
+            bar=None) -> GenerateStats:
+    """Runs the windows' steps on ``x`` (int64 ``(B, L)``, updated in place).
+
+    Args:
+        windows: the :class:`Window` sequence; it may be a generator that reads ``x`` as it
+            stands when the previous window is done.
+        runner, sampler, rule: the stages (module docstring).
+        refresh_every: with a cached runner, a full forward also every this many steps.
+        cached: the runner keeps a cache: only a window's first step (and refreshes) are full.
+        graph_step: ``graph_step(fn) -> callable`` wraps a window's non-full step
+            (``fn() -> (x0, confidence, transfer)``) for replay, e.g. in a CUDA graph.
+        observer: called with a :class:`StepEvent` after every step that ran the model.
+        bar: a progress bar with ``update(n)``, advanced once per step (run or skipped).
+    Returns:
+        :class:`GenerateStats` of the call.
+    """
+    stats = GenerateStats()
+    for window in windows:
+        start, stop = window.start, window.stop
+        replay = None
+        if graph_step is not None:
+            replay = graph_step(lambda: denoise_step(x, start, stop, -1, False, runner, sampler,
+                                                     rule, mask_id))
+        for i in range(window.steps):
+            # Adaptive rules end a window when no row has a mask left in it: one host sync per
+            # step, in those approximate modes only.
+            if window.until_decoded and i > 0 and not bool((x[:, start:stop] == mask_id).any()):
+                break
+            step = window.first_step + i
+            if bar is not None:
+                bar.update(1)
+            if not rule.prepare(i):
+                continue  # transfers nothing, so cannot change x
+            full = not cached or i == 0 or (refresh_every is not None and i % refresh_every == 0)
+            if replay is not None and not full:
+                x0, confidence, transfer = replay()
+            else:
+                x0, confidence, transfer = denoise_step(x, start, stop, step, full, runner,
+                                                        sampler, rule, mask_id)
+            stats.nfe += 1
+            stats.full_forwards += full
+            if observer is not None:
+                observer(StepEvent(window.block, step, start, stop, x, x0, confidence, transfer))
+    return stats
+
+
+def progress_bar(enabled: bool, total: Optional[int], desc: str):
+    """A tqdm bar over the steps, or ``None`` when disabled."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="step")
