@@ -1,6 +1,6 @@
 """Plain-PyTorch statement of the reference LLaDA sampler: the test oracle and the fallback.
 
-This module follows the reference semantics of ``shared/LLADA_FACTS.md`` step by step, quirks
+This module follows the reference semantics of ``docs/semantics.md`` step by step, quirks
 included, with no attempt at speed: every step runs the model over the whole sequence, noises
 the full ``(B, L, V)`` logits in float64 and picks the transfer with a per-row ``topk``. The
 only departures from the reference are the ones that make it a usable oracle:
