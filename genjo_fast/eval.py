@@ -7,14 +7,29 @@ Importing this module registers the model with lm-eval (needs the ``eval`` extra
         --tasks arc_easy --batch_size 32
     accelerate launch -m genjo_fast.eval --model_args pretrained=PATH --tasks gsm8k ...
 
-``--model genjo_fast`` is implied. Model args: the reference harness's (``mask_id``,
-``max_length``, ``batch_size``, ``mc_num``, ``is_check_greedy``, ``cfg``, ``steps``,
-``gen_length``, ``block_length``, ``remasking``) plus ``pretrained`` (alias ``model_path``),
-``tokenizer``, ``dtype``, ``device``, ``backend``, ``forward_batch_size``, ``seed``,
-``trust_remote_code`` and any other keyword :func:`genjo_fast.generate` accepts (checked at
-run time; unsupported ones are dropped with a warning). As with the reference, lm-eval's
-``--batch_size`` is the Monte Carlo batch (rows per round); ``forward_batch_size`` is the
-number of rows per model call.
+``--model genjo_fast`` is implied; ``python -m genjo_fast.eval --help`` lists the model args
+(:data:`MODEL_ARGS`, each with its default and meaning) before lm-eval's own help. They are
+the reference harness's (``mask_id``, ``max_length``, ``batch_size``, ``mc_num``,
+``is_check_greedy``, ``cfg``, ``steps``, ``gen_length``, ``block_length``, ``remasking``) plus
+``pretrained`` (alias ``model_path``), ``tokenizer``, ``dtype``, ``device``, ``backend``,
+``forward_batch_size``, ``seed``, ``trust_remote_code`` and the keywords of
+:func:`genjo_fast.generate` that the harness does not set itself (:data:`GENERATE_OPTIONS`:
+``cache``, ``threshold``, ``eos_id``, ...). Any other name is an error that lists the valid
+ones. As with the reference, lm-eval's ``--batch_size`` is the Monte Carlo batch (rows per
+round); ``forward_batch_size`` is the number of rows per model call.
+
+Checks, in the order they run (cheap ones first, so a typo fails before the model loads):
+model arg names and values (generation options included: ``cache=bogus`` fails here), the
+tokenizer (a checkpoint directory without tokenizer files is an error naming ``tokenizer=``),
+the model (a ``pretrained`` path that is not a directory is an error saying so), then the
+special ids against the model's vocabulary. ``max_length > gen_length`` concerns generation
+only and is checked when ``generate_until`` requests arrive, so likelihood-only tasks run
+with any ``gen_length``.
+
+Special ids: ``mask_id`` defaults to the checkpoint config's ``mask_token_id``, else the
+tokenizer's mask token, else LLaDA's 126336; ``eos_id`` (used by ``logits_eos_inf`` and
+``confidence_eos_eot_inf``) to the config's ``eos_token_id`` (the first, if a list), else the
+tokenizer's EOS, else LLaDA's 126081. Explicit model args win.
 
 Behaviour, request type by request type:
 
@@ -37,15 +52,20 @@ Behaviour, request type by request type:
   gets the tokens it gets alone, as in the reference harness.
 * Data parallel (``accelerate launch``): lm-eval shards the documents by ``rank`` and gathers
   the results through :meth:`all_gather`/:meth:`gather_object`, as for its HF model.
+
+The semantics followed are stated in ``docs/semantics.md``.
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import inspect
 import json
 import logging
 import os
+import re
 import sys
+import textwrap
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -62,18 +82,77 @@ except ImportError as error:  # pragma: no cover - depends on the environment
                       "pip install 'genjo_fast[eval]' (lm-eval>=0.4, accelerate)") from error
 from tqdm.auto import tqdm
 
+from .contract import EOS_ID, EOT_ID, MASK_ID, model_vocab_size
 from .generate import generate
 from .likelihood import DEFAULT_FORWARD_ROWS, get_log_likelihoods, greedy_continuations
-from .contract import MASK_ID
 from .reference_likelihood import TorchMaskDraws, check_estimator_args
-from .validation import REMASKING_MODES
+from .validation import REMASKING_MODES, check_approximate_args
 
 logger = logging.getLogger("genjo_fast")
 
-# generate() arguments that the harness sets itself from the model args.
+#: Meaning of each model arg of :class:`GenjoFastLM` (its defaults are the constructor's):
+#: what ``--help`` prints and what an unknown name is matched against.
+MODEL_ARGS = {
+    "pretrained": "the model: a local checkpoint directory (config.json and weights; LLaDA "
+                  "checkpoints load into genjo_fast's own model), a hub id, or (from Python) "
+                  "an nn.Module",
+    "model_path": "alias of pretrained (the reference harness's name)",
+    "tokenizer": "tokenizer directory or hub id; None: pretrained's (required when the "
+                 "checkpoint directory holds no tokenizer files)",
+    "mask_id": "id of the mask token; None: the checkpoint config's mask_token_id, else the "
+               "tokenizer's mask token, else LLaDA's 126336",
+    "max_length": "longest context + continuation in tokens (longer contexts lose their "
+                  "left part); must exceed gen_length when generating",
+    "batch_size": "Monte Carlo rows per round (lm-eval's --batch_size)",
+    "mc_num": "Monte Carlo samples per likelihood, a multiple of batch_size",
+    "is_check_greedy": "run the greedy check of loglikelihood requests (else is_greedy is "
+                       "always False)",
+    "cfg": "classifier-free guidance scale, for likelihoods and generation (0: off)",
+    "steps": "denoising steps per generation, a multiple of gen_length // block_length",
+    "gen_length": "tokens generated per generate_until request",
+    "block_length": "semi-autoregressive block length; divides gen_length",
+    "remasking": f"generation's remasking rule: {' or '.join(REMASKING_MODES)}",
+    "device": "torch device; None: cuda when available, else cpu (each process's own under "
+              "accelerate launch)",
+    "dtype": "parameter dtype: bfloat16 (the reference's), float16, float32 or auto",
+    "backend": "genjo_fast's sampling backend (auto, cuda, triton, torch); None: "
+               "GENJO_FAST_BACKEND, else auto",
+    "forward_batch_size": "rows per model call; None: max(batch_size, 32) for likelihoods, "
+                          "32 for generation",
+    "seed": "base of the per-request Monte Carlo seeds",
+    "trust_remote_code": "passed to transformers for non-LLaDA checkpoints and tokenizers",
+    "max_batch_size": "passed by lm-eval's CLI; unused",
+}
+
+#: Keywords of :func:`genjo_fast.generate` that the harness sets itself (not model args).
 _SET_BY_HARNESS = {"model", "prompt", "attention_mask", "steps", "gen_length", "block_length",
                    "temperature", "cfg_scale", "remasking", "mask_id", "backend", "progress",
                    "observer", "generator", "draws", "return_stats"}
+
+#: The other keywords of :func:`genjo_fast.generate`, model args too, with their meaning.
+GENERATE_OPTIONS = {
+    "logits_eos_inf": "forbid EOS (eos_id) in the generated tokens",
+    "confidence_eos_eot_inf": "the reference's option giving EoT (and at temperature 0 EOS) "
+                              "confidence 0",
+    "eos_id": "id of EOS; None: the checkpoint config's eos_token_id, else the tokenizer's, "
+              "else LLaDA's 126081",
+    "eot_id": "id of <|eot_id|> (LLaDA's by default)",
+    "fast_model": "run a transformers-loaded LLaDA model through genjo_fast's implementation "
+                  "of the architecture",
+    "cache": "APPROXIMATE block KV cache: prefix or dual (None: exact)",
+    "refresh_every": "with a cache, a full forward every this many steps of a block",
+    "threshold": "APPROXIMATE parallel decoding: unmask every position with confidence >= "
+                 "threshold",
+    "factor": "APPROXIMATE parallel decoding by the factor rule (exclusive with threshold)",
+    "cuda_graph": "replay each block's cached step as a CUDA graph (CUDA, LLaDA, cache)",
+}
+
+#: Files one of which a directory holding a transformers tokenizer has.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "vocab.txt", "spiece.model")
+
+# A hub id: "name" or "namespace/name" (letters, digits, '-', '_', '.'; no leading '.').
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 def _register(cls):
@@ -92,13 +171,25 @@ def _as_bool(name: str, value) -> bool:
     raise ValueError(f"{name} must be a boolean, got {value!r}")
 
 
-def _as_int(name: str, value) -> int:
+def _as_int(name: str, value, minimum: Optional[int] = None) -> int:
     try:
         if isinstance(value, bool) or float(value) != int(float(value)):
             raise ValueError
-        return int(float(value))
-    except (TypeError, ValueError):
+        number = int(float(value))
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if minimum is not None and number < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {number}")
+    return number
+
+
+def _as_float(name: str, value) -> float:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
 
 
 def _as_dtype(value) -> Optional[torch.dtype]:
@@ -124,27 +215,199 @@ def _pick_device(device) -> torch.device:
     return device
 
 
+def _constructor_args() -> Dict[str, inspect.Parameter]:
+    """The named model args of :class:`GenjoFastLM` (its constructor's parameters)."""
+    params = inspect.signature(GenjoFastLM.__init__).parameters
+    return {name: p for name, p in params.items()
+            if name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD}
+
+
+def _generate_parameters() -> Dict[str, inspect.Parameter]:
+    """The keywords of :func:`genjo_fast.generate` that are model args."""
+    return {name: p for name, p in inspect.signature(generate).parameters.items()
+            if name not in _SET_BY_HARNESS}
+
+
+def check_generate_options(options: Dict[str, Any]) -> Dict[str, Any]:
+    """The generation options among the model args, checked and converted.
+
+    Args:
+        options: the model args that are not named parameters of :class:`GenjoFastLM`.
+    Returns:
+        ``options`` with booleans and integers converted (lm-eval passes ``cuda_graph=1``
+        or ``"True"`` as given).
+    Raises:
+        ValueError: a name that is neither a model arg nor a keyword of
+            :func:`genjo_fast.generate` the harness leaves free (the message lists the valid
+            names and the closest match); a bad value (``cache=bogus``, ``threshold=-1``,
+            ``eos_id=x``...), as :func:`genjo_fast.generate` would reject it.
+        TypeError: a value of the wrong type where generate says so (``threshold=abc``).
+    """
+    params = _generate_parameters()
+    unknown = sorted(set(options) - set(params))
+    if unknown:
+        valid = list(_constructor_args()) + list(params)
+        hints = [f"{name!r}" + "".join(f" (did you mean {m!r}?)" for m in
+                                        difflib.get_close_matches(name, valid, n=1))
+                 for name in unknown]
+        raise ValueError(f"unknown genjo_fast model arg{'s' * (len(unknown) > 1)} "
+                         f"{', '.join(hints)}; the model args are: {', '.join(valid)} "
+                         "(see python -m genjo_fast.eval --help)")
+    checked = {}
+    for name, value in options.items():
+        default = params[name].default
+        if isinstance(default, bool):
+            value = _as_bool(name, value)
+        elif isinstance(default, int):
+            if value is None:  # an id given as None: the default (eos_id: the checkpoint's)
+                continue
+            value = _as_int(name, value, 0)
+        checked[name] = value
+    approximate = {name: checked.get(name, params[name].default)
+                   for name in ("cache", "refresh_every", "threshold", "factor")}
+    check_approximate_args(**approximate)
+    return checked
+
+
+def model_args_help() -> str:
+    """What ``python -m genjo_fast.eval --help`` prints before lm-eval's help: an example and
+    every model arg with its default and meaning."""
+    lines = [
+        "genjo_fast: lm-evaluation-harness CLI with the model genjo_fast (--model genjo_fast "
+        "is implied).",
+        "",
+        "example:",
+        "  python -m genjo_fast.eval --model_args pretrained=PATH,mc_num=128,cfg=0.5 "
+        "--tasks arc_easy --batch_size 32",
+        "  python -m genjo_fast.eval --model_args pretrained=PATH,gen_length=256,steps=256,"
+        "block_length=32,max_length=4096 --tasks gsm8k",
+        "",
+        "model args (--model_args name=value,name=value; unknown names are errors), with "
+        "their defaults:",
+    ]
+    defaults = {name: p.default for name, p in {**_constructor_args(),
+                                                 **_generate_parameters()}.items()}
+    defaults["eos_id"] = None  # the harness resolves it from the checkpoint
+    meanings = {**MODEL_ARGS, **GENERATE_OPTIONS}
+    column = max(len(f"{name}={default}") for name, default in defaults.items()) + 2
+    for name, default in defaults.items():
+        lines += textwrap.wrap(meanings.get(name, "see genjo_fast.generate"), width=100,
+                               initial_indent=f"  {f'{name}={default}':<{column}}",
+                               subsequent_indent=" " * (column + 2))
+    lines += ["", "lm-eval's --batch_size is the Monte Carlo batch; the args from "
+              f"{next(iter(GENERATE_OPTIONS))} on are genjo_fast.generate's keywords.",
+              "Other commands: python -m genjo_fast.eval ls tasks, ... validate --tasks T.",
+              "", "lm-eval's help follows.", ""]
+    return "\n".join(lines)
+
+
+def _local_dir(name: str, value) -> Optional[Path]:
+    """``value`` as an existing local directory, or ``None`` when it can only be a hub id.
+
+    Raises:
+        FileNotFoundError: ``value`` is a path (absolute, ``./``, ``~``, or not hub-id
+            shaped) that does not exist.
+        NotADirectoryError: it exists but is a file.
+    """
+    path = Path(str(value)).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise NotADirectoryError(f"{name}={value}: not a directory (expected a checkpoint "
+                                 "directory or a hub id)")
+    if _HUB_ID.fullmatch(str(value)):
+        return None
+    raise FileNotFoundError(f"{name}={value}: the directory does not exist")
+
+
+def load_tokenizer(tokenizer, pretrained, trust_remote_code: bool = True):
+    """The tokenizer given by the model args: ``tokenizer`` (an object, a directory or a hub
+    id), else ``pretrained``'s directory or hub id.
+
+    Raises:
+        FileNotFoundError: the directory does not exist, or holds none of
+            :data:`TOKENIZER_FILES` (the message names the ``tokenizer=`` model arg).
+        ValueError: ``pretrained`` is a model object and no ``tokenizer`` is given.
+    """
+    name = "tokenizer"
+    if tokenizer is None:
+        if isinstance(pretrained, torch.nn.Module):
+            raise ValueError("tokenizer must be given when pretrained is a model object")
+        name, tokenizer = "pretrained", pretrained
+    if not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    directory = _local_dir(name, tokenizer)
+    if directory is not None and not any((directory / f).is_file() for f in TOKENIZER_FILES):
+        where = ("the checkpoint directory" if name == "pretrained"
+                 else "the tokenizer directory")
+        raise FileNotFoundError(
+            f"{where} {directory} holds no tokenizer files (none of {', '.join(TOKENIZER_FILES)})"
+            "; name the tokenizer with the model arg tokenizer=DIRECTORY_OR_HUB_ID")
+    from transformers import AutoTokenizer
+    return _from_pretrained(name, tokenizer, directory, AutoTokenizer,
+                            trust_remote_code=trust_remote_code)
+
+
 def load_model(pretrained, dtype: Optional[torch.dtype], device: torch.device,
                trust_remote_code: bool = True):
     """The mask predictor at ``pretrained``.
 
     A local directory whose ``config.json`` says ``model_type: llada`` loads into genjo_fast's
-    :class:`~genjo_fast.models.LLaDAModel` (:func:`~genjo_fast.models.load_llada`); anything
-    else goes through ``transformers.AutoModel.from_pretrained`` (``trust_remote_code``). An
-    ``nn.Module`` is used as it is (moved to ``device``).
+    :class:`~genjo_fast.models.LLaDAModel` (:func:`~genjo_fast.models.load_llada`); any other
+    directory, or a hub id, goes through ``transformers.AutoModel.from_pretrained``
+    (``trust_remote_code``). An ``nn.Module`` is used as it is (moved to ``device``).
+
+    Raises:
+        FileNotFoundError: ``pretrained`` is a path that does not exist, or a directory
+            without ``config.json``.
+        NotADirectoryError: ``pretrained`` is a file.
+        OSError: a hub id that transformers cannot load (e.g. offline and not cached).
     """
     if isinstance(pretrained, torch.nn.Module):
         return pretrained.to(device).eval()
-    config = Path(pretrained) / "config.json"
-    if config.is_file() and json.loads(config.read_text()).get("model_type") == "llada":
-        from .models import load_llada
-        return load_llada(pretrained, dtype=dtype or torch.bfloat16, device=device)
+    directory = _local_dir("pretrained", pretrained)
+    if directory is not None:
+        config = directory / "config.json"
+        if not config.is_file():
+            raise FileNotFoundError(f"pretrained={pretrained}: the directory has no "
+                                    "config.json (a checkpoint directory holds config.json "
+                                    "and the weights)")
+        if json.loads(config.read_text()).get("model_type") == "llada":
+            from .models import load_llada
+            return load_llada(directory, dtype=dtype or torch.bfloat16, device=device)
     import transformers
     major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
     dtype_key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-    model = transformers.AutoModel.from_pretrained(
-        pretrained, trust_remote_code=trust_remote_code, **{dtype_key: dtype or "auto"})
+    model = _from_pretrained("pretrained", pretrained, directory, transformers.AutoModel,
+                             trust_remote_code=trust_remote_code, **{dtype_key: dtype or "auto"})
     return model.to(device).eval()
+
+
+def _from_pretrained(name: str, value, directory: Optional[Path], auto_class, **kwargs):
+    """``auto_class.from_pretrained(value, **kwargs)``; when ``value`` is not a local
+    ``directory``, a failure says that it was tried as a hub id."""
+    try:
+        return auto_class.from_pretrained(str(value), **kwargs)
+    except OSError as error:
+        if directory is not None:
+            raise
+        raise OSError(f"{name}={value} is not a local directory, and loading it as a hub id "
+                      f"failed: {error}") from error
+
+
+def _default_id(model, tokenizer, key: str) -> Tuple[Optional[int], str]:
+    """The special id ``key`` (``mask_token_id``, ``eos_token_id``) of the checkpoint's
+    config, else of the tokenizer, with where it came from; ``(None, "")`` if neither has
+    it. A list (some configs list several EOS ids) gives its first element."""
+    sources = (("the checkpoint's config", getattr(model, "config", None)),
+               ("the tokenizer", tokenizer))
+    for source, holder in sources:
+        value = getattr(holder, key, None)
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value, source
+    return None, ""
 
 
 def _cut_at_stop(text: str, until: Sequence[str]) -> str:
@@ -157,30 +420,20 @@ def _cut_at_stop(text: str, until: Sequence[str]) -> str:
 class GenjoFastLM(LM):
     """lm-eval model for LLaDA-style masked-diffusion LMs, computed by genjo_fast.
 
-    Args:
-        pretrained: local checkpoint directory, hub id, or an ``nn.Module``
-            (``model_path`` is accepted as an alias, the reference's name).
-        tokenizer: tokenizer path or object; default ``pretrained``.
-        mask_id: id of the mask token. max_length: longest ``context + continuation`` (longer
-            contexts lose their left part).
-        batch_size: Monte Carlo rows per round (lm-eval's ``--batch_size``).
-        mc_num: Monte Carlo samples per request, a multiple of ``batch_size``.
-        is_check_greedy: run the greedy check (else ``is_greedy`` is always False).
-        cfg: classifier-free guidance scale, for likelihoods and generation.
-        steps, gen_length, block_length, remasking: generation settings (temperature 0).
-        device: default ``cuda`` when available, else ``cpu``; under ``accelerate launch``
-            each process's own device.
-        dtype: parameter dtype (``bfloat16`` as in the reference, ``float32``, ``auto``...).
-        backend: genjo_fast's sampling backend (see :func:`genjo_fast.generate`).
-        forward_batch_size: rows per model call (Monte Carlo rows, greedy checks, generated
-            sequences); default ``max(batch_size, 32)`` for likelihoods and 32 otherwise.
-        seed: base of the per-request Monte Carlo seeds.
-        trust_remote_code: passed to transformers for non-LLaDA checkpoints and tokenizers.
-        **generate_options: further :func:`genjo_fast.generate` keywords (e.g. a cache or
-            threshold option when the installed genjo_fast has it).
+    The model args (:data:`MODEL_ARGS` gives each one's meaning) are the constructor's
+    parameters and the keywords of :func:`genjo_fast.generate` listed in
+    :data:`GENERATE_OPTIONS`; ``python -m genjo_fast.eval --help`` prints them with their
+    defaults. See the module docstring for the checks and the special-id defaults.
+
+    Raises:
+        ValueError: an unknown model arg (the message lists the valid ones), a bad value,
+            ``mc_num`` not a multiple of ``batch_size``, ``steps``/``gen_length``/
+            ``block_length`` that do not divide, a special id outside the model's vocabulary.
+        FileNotFoundError, NotADirectoryError, OSError: see :func:`load_model` and
+            :func:`load_tokenizer`.
     """
 
-    def __init__(self, pretrained=None, tokenizer=None, mask_id: int = MASK_ID,
+    def __init__(self, pretrained=None, tokenizer=None, mask_id: Optional[int] = None,
                  max_length: int = 4096, batch_size=32, mc_num: int = 128,
                  is_check_greedy=True, cfg: float = 0., steps: int = 1024,
                  gen_length: int = 1024, block_length: int = 1024,
@@ -190,35 +443,35 @@ class GenjoFastLM(LM):
                  trust_remote_code=True, model_path=None, max_batch_size=None,
                  **generate_options):
         super().__init__()
+        # Everything that needs no model first: a typo fails before minutes of loading.
+        self.generate_options = check_generate_options(generate_options)
         pretrained = pretrained if pretrained is not None else model_path
         if pretrained is None:
             raise ValueError("pretrained (or model_path) must name the model to evaluate")
-        self.mask_id = _as_int("mask_id", mask_id)
-        self.max_length = _as_int("max_length", max_length)
+        self.max_length = _as_int("max_length", max_length, 2)
         self.batch_size = _as_int("batch_size", batch_size)
         self.mc_num = _as_int("mc_num", mc_num)
         self.is_check_greedy = _as_bool("is_check_greedy", is_check_greedy)
-        self.cfg = float(cfg)
-        check_estimator_args(self.mc_num, self.batch_size, self.cfg, self.mask_id)
-        self.steps = _as_int("steps", steps)
-        self.gen_length = _as_int("gen_length", gen_length)
-        self.block_length = _as_int("block_length", block_length)
+        self.cfg = _as_float("cfg", cfg)
+        explicit_mask_id = None if mask_id is None else _as_int("mask_id", mask_id, 0)
+        # (a mask id from the checkpoint is checked against the vocabulary below)
+        check_estimator_args(self.mc_num, self.batch_size, self.cfg, explicit_mask_id or 0)
+        self.steps = _as_int("steps", steps, 1)
+        self.gen_length = _as_int("gen_length", gen_length, 1)
+        self.block_length = _as_int("block_length", block_length, 1)
         if self.gen_length % self.block_length or self.steps % (self.gen_length
                                                                  // self.block_length):
             raise ValueError(f"gen_length ({self.gen_length}) must be a multiple of "
                              f"block_length ({self.block_length}) and steps ({self.steps}) a "
                              "multiple of the number of blocks")
-        if self.max_length <= self.gen_length:
-            raise ValueError(f"max_length ({self.max_length}) must exceed gen_length "
-                             f"({self.gen_length})")
         if remasking not in REMASKING_MODES:
             raise ValueError(f"remasking must be one of {REMASKING_MODES}, got {remasking!r}")
         self.remasking = remasking
         self.backend = backend
         self.forward_batch_size = (None if forward_batch_size is None
-                                   else _as_int("forward_batch_size", forward_batch_size))
+                                   else _as_int("forward_batch_size", forward_batch_size, 1))
         self.seed = _as_int("seed", seed)
-        self.generate_options = self._supported_generate_options(generate_options)
+        dtype = _as_dtype(dtype)
         trust_remote_code = _as_bool("trust_remote_code", trust_remote_code)
 
         self.accelerator = None
@@ -235,26 +488,43 @@ class GenjoFastLM(LM):
             self._device = self.accelerator.device
         else:
             self._device = _pick_device(device)
-        self.model = load_model(pretrained, _as_dtype(dtype), self._device, trust_remote_code)
-        if tokenizer is None:
-            if isinstance(pretrained, torch.nn.Module):
-                raise ValueError("tokenizer must be given when pretrained is a model object")
-            tokenizer = pretrained
-        if isinstance(tokenizer, (str, os.PathLike)):
-            from transformers import AutoTokenizer
-            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer),
-                                                      trust_remote_code=trust_remote_code)
-        self.tokenizer = tokenizer
+        if self.generate_options.get("cuda_graph") and self._device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a CUDA device; the model runs on "
+                             f"{self._device}")
+        self.tokenizer = load_tokenizer(tokenizer, pretrained, trust_remote_code)
+        self.model = load_model(pretrained, dtype, self._device, trust_remote_code)
+        self._resolve_special_ids(explicit_mask_id)
 
-    def _supported_generate_options(self, options: Dict[str, Any]) -> Dict[str, Any]:
-        params = inspect.signature(generate).parameters
-        supported = {k: v for k, v in options.items()
-                     if k in params and k not in _SET_BY_HARNESS}
-        dropped = sorted(set(options) - set(supported))
-        if dropped:
-            logger.warning("genjo_fast.eval: ignoring model args that genjo_fast.generate does "
-                           "not accept: %s", ", ".join(dropped))
-        return supported
+    def _resolve_special_ids(self, explicit_mask_id: Optional[int]) -> None:
+        """Sets ``mask_id`` and the ``eos_id`` option: the model arg, else the checkpoint's
+        (see the module docstring), else LLaDA's; then checks the ids that will be used
+        against the model's vocabulary."""
+        options = self.generate_options
+        ids, origins = {}, {}
+        for name, key, llada_id, given in (
+                ("mask_id", "mask_token_id", MASK_ID, explicit_mask_id),
+                ("eos_id", "eos_token_id", EOS_ID, options.get("eos_id"))):
+            ids[name], origins[name] = given, "the model args"
+            if given is None:
+                ids[name], origins[name] = _default_id(self.model, self.tokenizer, key)
+            if ids[name] is None:
+                ids[name], origins[name] = llada_id, (f"LLaDA's default (no {key} in the "
+                                                      "checkpoint's config or the tokenizer)")
+            logger.info("genjo_fast.eval: %s=%d from %s", name, ids[name], origins[name])
+        self.mask_id = ids["mask_id"]
+        options["eos_id"] = ids["eos_id"]
+        # The ids generate uses with these options (as it checks them): mask_id always.
+        if not (options.get("logits_eos_inf") or options.get("confidence_eos_eot_inf")):
+            del ids["eos_id"]
+        if options.get("confidence_eos_eot_inf"):
+            ids["eot_id"] = options.get("eot_id", EOT_ID)
+            origins["eot_id"] = "the model args" if "eot_id" in options else "LLaDA's default"
+        vocab_size = model_vocab_size(self.model)
+        for name, value in ids.items():
+            if vocab_size is not None and value >= vocab_size:
+                raise ValueError(f"{name}={value} (from {origins[name]}) is outside the model's "
+                                 f"vocabulary (vocab_size {vocab_size}): set {name}= in the "
+                                 "model args")
 
     # -- distributed hooks (lm-eval's evaluator calls them when world_size > 1) -------------
 
@@ -384,7 +654,16 @@ class GenjoFastLM(LM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
         """Greedy (temperature 0) masked-diffusion generation of ``gen_length`` tokens, cut at
-        the first stop string of the request's ``until``."""
+        the first stop string of the request's ``until``.
+
+        Raises:
+            ValueError: ``max_length <= gen_length`` (no room for the prompt).
+        """
+        if self.max_length <= self.gen_length:
+            raise ValueError(f"max_length ({self.max_length}) must exceed gen_length "
+                             f"({self.gen_length}) for generate_until requests (prompts keep "
+                             "their last max_length - gen_length tokens): raise max_length= "
+                             "or lower gen_length= in the model args")
         prompts, stops = [], []
         for req in requests:
             context, gen_kwargs = req.args
@@ -420,19 +699,25 @@ class GenjoFastLM(LM):
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """``python -m genjo_fast.eval [lm-eval CLI arguments]``: lm-eval's CLI with the
-    ``genjo_fast`` model registered and ``--model genjo_fast`` implied."""
+    ``genjo_fast`` model registered and ``--model genjo_fast`` implied. ``-h``/``--help``
+    prints :func:`model_args_help` first, then lm-eval's help (of ``run`` unless another
+    command is named)."""
     from lm_eval.__main__ import cli_evaluate
 
     args = list(sys.argv[1:] if argv is None else argv)
-    if not any(a in ("--model", "-M") or a.startswith("--model=") for a in args):
+    command = args[0] if args[:1] in (["ls"], ["validate"]) else "run"
+    if command == "run" and not any(a in ("--model", "-M") or a.startswith("--model=")
+                                    for a in args):
         at = 1 if args[:1] == ["run"] else 0
-        if not args or args[0] not in ("ls", "validate", "-h", "--help"):
-            args[at:at] = ["--model", "genjo_fast"]
+        args[at:at] = ["--model", "genjo_fast"]
+    if command == "run" and any(a in ("-h", "--help") for a in args):
+        print(model_args_help(), flush=True)
     sys.argv = [sys.argv[0]] + args
     cli_evaluate()
 
 
-__all__ = ["GenjoFastLM", "load_model", "main"]
+__all__ = ["GenjoFastLM", "MODEL_ARGS", "GENERATE_OPTIONS", "check_generate_options",
+           "load_model", "load_tokenizer", "model_args_help", "main"]
 
 if __name__ == "__main__":
     from genjo_fast.eval import main as _main  # the registered module, not this __main__ copy

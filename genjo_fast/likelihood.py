@@ -1,7 +1,7 @@
 """Monte Carlo log-likelihood of masked-diffusion LMs: the reference estimator, faster.
 
 :func:`get_log_likelihood` has the reference's signature and semantics
-(``shared/LLADA_FACTS.md``; the plain statement is
+(``docs/semantics.md``; the plain statement is
 :func:`genjo_fast.reference_likelihood.get_log_likelihood`): same expectation, and with the same
 draws (``draws=``) the same value to float tolerance. What makes it faster:
 

@@ -1,8 +1,8 @@
 """Plain-PyTorch statement of the reference Monte Carlo log-likelihood: the test oracle.
 
-It follows the section "Reference log-likelihood (Monte Carlo) semantics" of
-``shared/LLADA_FACTS.md`` step by step, with no attempt at speed: every round runs the model
-over ``batch_size`` full copies of ``prompt + answer``, builds the full ``(B, L, V)`` logits
+It follows the reference Monte Carlo log-likelihood as ``docs/semantics.md`` states it, step
+by step, with no attempt at speed: every round runs the model over ``batch_size`` full copies
+of ``prompt + answer``, builds the full ``(B, L, V)`` logits
 (twice with classifier-free guidance) and takes the cross-entropy of the masked positions.
 
 The random draws of a round are the reference's: ``k ~ U{1..T}`` (``torch.randint``), then one

@@ -4,9 +4,11 @@ A tiny random LLaDA checkpoint and a word-level tokenizer are written to a tmp d
 local tasks over JSONL files: multiple choice (loglikelihood), generate_until and
 loglikelihood_rolling. Needs the ``eval`` extra (lm-eval, accelerate); skipped without it.
 """
+import inspect
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -173,13 +175,159 @@ def test_bad_model_args(workdir):
         genjo_eval.GenjoFastLM()
     with pytest.raises(ValueError, match=r"gen_length \(6\) must be a multiple of block_length"):
         genjo_eval.GenjoFastLM(pretrained=path, gen_length=6, block_length=4)
+    with pytest.raises(ValueError, match="block_length must be >= 1"):
+        genjo_eval.GenjoFastLM(pretrained=path, gen_length=4, block_length=0)
+    with pytest.raises(ValueError, match="cfg must be a number, got 'x'"):
+        genjo_eval.GenjoFastLM(pretrained=path, cfg="x")
 
 
-def test_generate_options_are_checked_against_generate(workdir):
+def test_unknown_model_args_are_rejected_before_loading():
+    # A path that does not exist: the names are checked before anything is loaded.
+    with pytest.raises(ValueError, match=r"'mc_nums' \(did you mean 'mc_num'\?\)") as info:
+        genjo_eval.GenjoFastLM.create_from_arg_string("pretrained=/nonexistent,mc_nums=64",
+                                                      {"device": "cpu"})
+    for name in ("mc_num", "gen_length", "tokenizer", "cache", "threshold", "eos_id"):
+        assert f" {name}," in str(info.value)  # the valid names are listed
+    # generate keywords the harness sets itself are not model args either
+    for name in ("return_stats", "temperature", "progress"):
+        with pytest.raises(ValueError, match=f"unknown genjo_fast model arg '{name}'"):
+            genjo_eval.GenjoFastLM(pretrained="/nonexistent", **{name: 1})
+
+
+def test_generate_options_are_converted_and_checked_eagerly(workdir):
     lm = genjo_eval.GenjoFastLM(pretrained=str(workdir[0] / "model"), batch_size=2,
-                                device="cpu", eos_id=3, no_such_option=1, return_stats=True,
-                                **SETTINGS)
-    assert lm.generate_options == {"eos_id": 3}  # what generate takes and does not break
+                                device="cpu", cache="prefix", refresh_every=2,
+                                logits_eos_inf="True", eos_id=23, eot_id=None, **SETTINGS)
+    # converted as generate wants them; eot_id=None means generate's default
+    assert lm.generate_options == {"cache": "prefix", "refresh_every": 2,
+                                   "logits_eos_inf": True, "eos_id": 23}
+    bad = [({"cache": "bogus"}, "cache must be None, 'prefix' or 'dual'"),
+           ({"threshold": "abc"}, "threshold must be a number"),  # a TypeError
+           ({"threshold": -1.0}, "threshold must be >= 0"),
+           ({"threshold": 0.9, "factor": 1.0}, "threshold and factor are exclusive"),
+           ({"refresh_every": 2}, "refresh_every needs a cache"),
+           ({"cuda_graph": "ture"}, "cuda_graph must be a boolean"),
+           ({"eos_id": "x"}, "eos_id must be an integer"),
+           ({"eot_id": -1}, "eot_id must be >= 0")]
+    for options, message in bad:  # all before the (nonexistent) model is looked at
+        with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+            genjo_eval.GenjoFastLM(pretrained="/nonexistent", **options)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device"):
+            genjo_eval.GenjoFastLM(pretrained="/nonexistent", device="cpu", cuda_graph=True,
+                                   cache="dual")
+
+
+def test_pretrained_that_is_not_a_checkpoint_directory(workdir, tmp_path):
+    tokenizer = str(workdir[0] / "model")
+    with pytest.raises(FileNotFoundError, match="pretrained=/nonexistent/llada: the directory "
+                                                "does not exist"):
+        genjo_eval.GenjoFastLM(pretrained="/nonexistent/llada", tokenizer=tokenizer)
+    with pytest.raises(FileNotFoundError, match=r"pretrained=\./no_such_dir: the directory"):
+        genjo_eval.GenjoFastLM(pretrained="./no_such_dir", tokenizer=tokenizer)
+    with pytest.raises(NotADirectoryError, match="not a directory"):
+        genjo_eval.GenjoFastLM(pretrained=str(workdir[0] / "model" / "config.json"),
+                               tokenizer=tokenizer)
+    with pytest.raises(FileNotFoundError, match="the directory has no config.json"):
+        genjo_eval.GenjoFastLM(pretrained=str(tmp_path), tokenizer=tokenizer)
+    with pytest.raises(FileNotFoundError, match="tokenizer=/nonexistent: the directory"):
+        genjo_eval.GenjoFastLM(pretrained=str(workdir[0] / "model"), tokenizer="/nonexistent")
+
+
+def test_checkpoint_without_tokenizer_files_names_the_tokenizer_arg(workdir, tmp_path):
+    save_llada(random_llada(len(WORDS), d_model=32, n_heads=2, n_layers=1, seed=2),
+               tmp_path / "bare")
+    with pytest.raises(FileNotFoundError, match=r"checkpoint directory .*bare holds no "
+                                                r"tokenizer files .*model arg tokenizer="):
+        genjo_eval.GenjoFastLM(pretrained=str(tmp_path / "bare"), device="cpu", batch_size=2,
+                               **SETTINGS)
+    lm = genjo_eval.GenjoFastLM(pretrained=str(tmp_path / "bare"), device="cpu",
+                                tokenizer=str(workdir[0] / "model"), batch_size=2, **SETTINGS)
+    assert lm.tokenizer.convert_ids_to_tokens(MASK_ID) == "[MASK]"
+    with pytest.raises(FileNotFoundError, match=r"tokenizer directory .*bare holds no"):
+        genjo_eval.GenjoFastLM(pretrained=str(workdir[0] / "model"),
+                               tokenizer=str(tmp_path / "bare"))
+
+
+def _checkpoint(root: Path, workdir, mask_in_tokenizer=True, **ids) -> str:
+    """A tiny checkpoint with the special ``ids`` in its config and workdir's tokenizer
+    (without its mask token if ``mask_in_tokenizer`` is False)."""
+    from transformers import AutoTokenizer
+
+    save_llada(random_llada(len(WORDS), d_model=32, n_heads=2, n_layers=1, seed=3, **ids), root)
+    tokenizer = AutoTokenizer.from_pretrained(str(workdir[0] / "model"))
+    if not mask_in_tokenizer:
+        tokenizer.mask_token = None
+    tokenizer.save_pretrained(root)
+    return str(root)
+
+
+def test_special_ids_default_to_the_checkpoint(workdir, tmp_path):
+    settings = {k: v for k, v in SETTINGS.items() if k != "mask_id"}
+    # the config's ids (not the tokenizer's mask 33, not LLaDA's constants)
+    path = _checkpoint(tmp_path / "ids", workdir, mask_token_id=32, eos_token_id=23)
+    lm = genjo_eval.GenjoFastLM(pretrained=path, device="cpu", batch_size=2, **settings)
+    assert (lm.mask_id, lm.generate_options["eos_id"]) == (32, 23)
+    (logp, _), = lm.loglikelihood(requests("loglikelihood", [("w1 w2 w3", " w4 w5")]))
+    prompt, answer = encode(lm, "w1 w2 w3"), encode(lm, " w4 w5")
+    assert logp == pytest.approx(get_log_likelihood(
+        lm.model, prompt, answer, 4, 2, mask_id=32,
+        draws=lm._draws((tuple(prompt.tolist()), tuple(answer.tolist())))), rel=1e-5)
+    # explicit model args win
+    lm = genjo_eval.GenjoFastLM(pretrained=path, device="cpu", batch_size=2, mask_id=MASK_ID,
+                                eos_id=5, **settings)
+    assert (lm.mask_id, lm.generate_options["eos_id"]) == (MASK_ID, 5)
+    # no id in the config: the tokenizer's mask token; no EOS in either: LLaDA's (unused,
+    # so not checked against this vocabulary, unless an EOS option is on: below)
+    lm = genjo_eval.GenjoFastLM(pretrained=str(workdir[0] / "model"), device="cpu",
+                                batch_size=2, **settings)
+    assert (lm.mask_id, lm.generate_options["eos_id"]) == (MASK_ID, genjo_fast.contract.EOS_ID)
+    # in neither: LLaDA's, which this vocabulary does not have, so the model is refused
+    path = _checkpoint(tmp_path / "none", workdir, mask_in_tokenizer=False)
+    with pytest.raises(ValueError, match=r"mask_id=126336 \(from LLaDA's default \(no "
+                                         r"mask_token_id .*set mask_id= in the model args"):
+        genjo_eval.GenjoFastLM(pretrained=path, device="cpu", batch_size=2, **settings)
+    with pytest.raises(ValueError, match=r"eos_id=126081 \(from LLaDA's default"):
+        genjo_eval.GenjoFastLM(pretrained=path, device="cpu", batch_size=2, mask_id=MASK_ID,
+                               logits_eos_inf=True, **settings)
+
+
+def test_likelihood_needs_no_generation_settings(workdir):
+    # The defaults steps = gen_length = block_length = 1024 exceed max_length=16: only
+    # generation needs max_length > gen_length, and it says so when asked to generate.
+    likelihood_only = {k: v for k, v in SETTINGS.items()
+                       if k not in ("steps", "gen_length", "block_length")}
+    lm = genjo_eval.GenjoFastLM(pretrained=str(workdir[0] / "model"), batch_size=2,
+                                device="cpu", **likelihood_only)
+    args = [("w1 w2 w3", " w4 w5")]
+    assert lm.loglikelihood(requests("loglikelihood", args)) == \
+        genjo_eval.GenjoFastLM(pretrained=str(workdir[0] / "model"), batch_size=2,
+                               device="cpu", **SETTINGS).loglikelihood(
+            requests("loglikelihood", args))
+    with pytest.raises(ValueError, match=r"max_length \(16\) must exceed gen_length \(1024\)"):
+        lm.generate_until(requests("generate_until", [("w1", {"until": ["."]})]))
+
+
+def test_model_args_help_is_complete():
+    constructor = genjo_eval._constructor_args()
+    generate_params = inspect.signature(genjo_fast.generate).parameters
+    assert set(genjo_eval.MODEL_ARGS) == set(constructor)
+    assert set(genjo_eval.GENERATE_OPTIONS) == set(genjo_eval._generate_parameters())
+    text = genjo_eval.model_args_help()
+    for name, meaning in {**genjo_eval.MODEL_ARGS, **genjo_eval.GENERATE_OPTIONS}.items():
+        default = (None if name == "eos_id" else constructor[name].default
+                   if name in constructor else generate_params[name].default)
+        assert f"  {name}={default} " in text
+        assert " ".join(meaning.split()[:4]) in " ".join(text.split())
+
+
+def test_help_shows_the_model_args_then_lm_eval_help():
+    run = subprocess.run([sys.executable, "-m", "genjo_fast.eval", "--help"], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, **ENV})
+    assert run.returncode == 0, run.stderr[-4000:]
+    ours = run.stdout.index("python -m genjo_fast.eval --model_args pretrained=")
+    assert ours < run.stdout.index("mc_num=128 ") < run.stdout.index("usage: lm-eval run")
+    assert "--model_args" in run.stdout[run.stdout.index("usage: lm-eval run"):]
 
 
 def test_cli_implies_the_model(monkeypatch):
@@ -188,8 +336,10 @@ def test_cli_implies_the_model(monkeypatch):
     monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", lambda: seen.append(list(sys.argv)))
     genjo_eval.main(["--tasks", "x"])
     genjo_eval.main(["run", "--model", "hf", "--tasks", "x"])
+    genjo_eval.main(["ls", "tasks"])
     assert seen[0][1:] == ["--model", "genjo_fast", "--tasks", "x"]
     assert seen[1][1:] == ["run", "--model", "hf", "--tasks", "x"]
+    assert seen[2][1:] == ["ls", "tasks"]
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +366,23 @@ def test_simple_evaluate_single_process(single_process):
     assert [len(samples[t]) for t in TASKS] == [6, 5, 3]
     for sample in samples["tiny_mc"]:
         assert len(sample["resps"]) == 3  # one (logprob, is_greedy) per choice
+
+
+def test_likelihood_tasks_run_with_the_default_generation_settings(workdir, single_process):
+    # max_length=16 with the default gen_length=1024: what stopped likelihood-only tasks.
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    settings = {k: v for k, v in SETTINGS.items()
+                if k not in ("steps", "gen_length", "block_length")}
+    model_args = ",".join([f"pretrained={workdir[0] / 'model'}"] +
+                          [f"{k}={v}" for k, v in settings.items()])
+    tasks = ["tiny_mc", "tiny_text"]
+    out = simple_evaluate(model="genjo_fast", model_args=model_args, tasks=tasks, batch_size=2,
+                          device="cpu", task_manager=TaskManager(include_path=str(workdir[1]),
+                                                                 include_defaults=False))
+    for task, metric in zip(tasks, ["acc,none", "word_perplexity,none"]):
+        assert out["results"][task][metric] == single_process["results"][task][metric]
 
 
 def _first_responses(samples):

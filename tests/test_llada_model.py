@@ -1,9 +1,9 @@
 """genjo_fast.models.LLaDAModel against an independent statement of the LLaDA architecture.
 
-The statement below (`statement_logits`) is written from the architecture section of
-``shared/LLADA_FACTS.md`` as plain functional torch over the state dict; it shares no code with
-the model (not its modules, norm, RoPE or attention). Everything runs on CPU with tiny,
-odd-sized models.
+The statement below (`statement_logits`) is written from the architecture as
+``docs/semantics.md`` states it, as plain functional torch over the state dict; it shares no
+code with the model (not its modules, norm, RoPE or attention). Everything runs on CPU with
+tiny, odd-sized models.
 """
 from __future__ import annotations
 

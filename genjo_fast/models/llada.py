@@ -1,6 +1,6 @@
 """genjo_fast's own LLaDA mask predictor, numerically the reference architecture.
 
-The contract is the architecture section of ``shared/LLADA_FACTS.md``:
+The contract is the architecture as ``docs/semantics.md`` states it:
 
 * RMSNorm in float32, cast back to the input dtype, THEN times the weight;
 * RoPE in float32, rotate-half convention, absolute positions ``0 .. L-1`` (left padding does
