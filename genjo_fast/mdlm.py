@@ -422,7 +422,6 @@ def _options(num_steps, allow_edits, use_confidence, mask_id, pad_id, eos_id, sh
                 draws=draws if draws is not None else TorchMDLMDraws(generator))
 
 
-@torch.no_grad()
 def mdlm_generate_steps(model, prompts, *, max_length: int, num_steps: int = 50,
                         allow_edits: bool = True, use_confidence: bool = False, mask_id: int,
                         pad_id: Optional[int] = None, eos_id: Optional[int] = None,
@@ -434,7 +433,8 @@ def mdlm_generate_steps(model, prompts, *, max_length: int, num_steps: int = 50,
                         stats: Optional[MDLMStats] = None) -> Iterator[StepEvent]:
     """:func:`mdlm_generate` as an iterator: yields a :class:`~genjo_fast.engine.StepEvent`
     after every step (``event.x`` is the canvas, ``(B, W)`` with ``W <= max_length`` once
-    ``adaptive_length`` has cut it); the generator's return value is the result."""
+    ``adaptive_length`` has cut it); the generator's return value is the result. The
+    arguments are checked at the call, before the first step."""
     prompts = as_prompt_list(prompts)
     check_mdlm_args(model, prompts, num_steps=num_steps, allow_edits=allow_edits,
                     use_confidence=use_confidence, mask_id=mask_id, pad_id=pad_id,
@@ -443,10 +443,19 @@ def mdlm_generate_steps(model, prompts, *, max_length: int, num_steps: int = 50,
                     generator=generator)
     _check_length("max_length", max_length, model, prompts,
                   "generate beyond it with mdlm_semi_autoregressive (block by block)")
+    return _generate_steps(model, prompts, max_length, stats if stats is not None else MDLMStats(),
+                           _options(num_steps, allow_edits, use_confidence, mask_id, pad_id,
+                                    eos_id, shift, temperature, draws, generator),
+                           adaptive_length, length_threshold, backend)
+
+
+@torch.no_grad()
+def _generate_steps(model, prompts: List[torch.Tensor], max_length: int, stats: MDLMStats,
+                    options: dict, adaptive_length: bool, length_threshold: float,
+                    backend: Optional[str]) -> Iterator[StepEvent]:
+    mask_id, pad_id, eos_id = options["mask_id"], options["pad_id"], options["eos_id"]
+    num_steps = options["num_steps"]
     device = model_device(model, prompts[0].device)
-    stats = stats if stats is not None else MDLMStats()
-    options = _options(num_steps, allow_edits, use_confidence, mask_id, pad_id, eos_id, shift,
-                       temperature, draws, generator)
     ops = resolve_backend(backend, device)
     batch = len(prompts)
     x = torch.full((batch, max_length), mask_id, dtype=torch.long, device=device)
@@ -562,7 +571,6 @@ def mdlm_generate(model, prompts, *, max_length: int, num_steps: int = 50,
     return (out, stats) if return_stats else out
 
 
-@torch.no_grad()
 def mdlm_semi_autoregressive_steps(model, prompts, *, block_size: int, max_length: int,
                                    num_steps: int = 50, allow_edits: bool = True,
                                    use_confidence: bool = False, mask_id: int,
@@ -577,7 +585,8 @@ def mdlm_semi_autoregressive_steps(model, prompts, *, block_size: int, max_lengt
                                    ) -> Iterator[List[torch.Tensor]]:
     """:func:`mdlm_semi_autoregressive` as an iterator: yields every sequence's current state
     (a list of int64 1-D tensors, the block in progress included) after every step, and once
-    more after a block is cut at ``stop_id``; the generator's return value is the result."""
+    more after a block is cut at ``stop_id``; the generator's return value is the result. The
+    arguments are checked at the call, before the first step."""
     prompts = as_prompt_list(prompts)
     check_mdlm_args(model, prompts, num_steps=num_steps, allow_edits=allow_edits,
                     use_confidence=use_confidence, mask_id=mask_id, pad_id=pad_id,
@@ -596,10 +605,20 @@ def mdlm_semi_autoregressive_steps(model, prompts, *, block_size: int, max_lengt
         raise ValueError(f"block_size={block_size} must be smaller than the context window "
                          f"({window} positions): each block is generated after the last "
                          f"window - block_size tokens of the sequence")
+    return _semi_autoregressive_steps(
+        model, prompts, block_size, max_length, window, stop_id,
+        stats if stats is not None else MDLMStats(),
+        _options(num_steps, allow_edits, use_confidence, mask_id, pad_id, eos_id, shift,
+                 temperature, draws, generator), backend)
+
+
+@torch.no_grad()
+def _semi_autoregressive_steps(model, prompts: List[torch.Tensor], block_size: int,
+                               max_length: int, window: int, stop_id: Optional[int],
+                               stats: MDLMStats, options: dict,
+                               backend: Optional[str]) -> Iterator[List[torch.Tensor]]:
+    mask_id, num_steps = options["mask_id"], options["num_steps"]
     device = model_device(model, prompts[0].device)
-    stats = stats if stats is not None else MDLMStats()
-    options = _options(num_steps, allow_edits, use_confidence, mask_id, pad_id, eos_id, shift,
-                       temperature, draws, generator)
     ops = resolve_backend(backend, device)
     sequences = [p.to(device) for p in prompts]
     blocks = [0] * len(sequences)
