@@ -37,8 +37,9 @@ import torch
 from .backends import resolve_backend
 from .contract import call_model, model_device, model_vocab_size
 from .engine import StepEvent, Window, denoise_steps
-from .mdlm_contract import (MDLMDraws, TorchMDLMDraws, edit_probability, model_call_kwargs,
-                            num_to_unmask, open_positions, unmask_probability, visible_positions)
+from .mdlm_contract import (MDLMDraws, TorchMDLMDraws, edit_probability, is_causal_lm,
+                            model_call_kwargs, num_to_unmask, open_positions, unmask_probability,
+                            visible_positions)
 from .mdlm_sampling import sample_rows
 from .validation import check_model_not_meta, check_token_tensor, check_vocab_size
 
@@ -356,6 +357,7 @@ def check_mdlm_args(model, prompts: List[torch.Tensor], *, num_steps, allow_edit
         raise TypeError(f"generator must be a torch.Generator or None, got "
                         f"{type(generator).__name__}")
     check_model_not_meta(model)
+    check_full_attention(model)
     for i, prompt in enumerate(prompts):
         if bool((prompt == mask_id).any()):
             raise ValueError(f"prompts[{i}] contains mask_id={mask_id}: the mask id marks the "
@@ -366,6 +368,23 @@ def check_mdlm_args(model, prompts: List[torch.Tensor], *, num_steps, allow_edit
                              f"least one prompt token")
         check_vocab_size(model_vocab_size(model), mask_id, token_ids, "the model's vocab_size",
                          prompt if len(prompt) else None, f"prompts[{i}]")
+
+
+@torch.no_grad()
+def check_full_attention(model) -> None:
+    """A causal LM must really run with full attention under ``is_causal=False`` (transformers
+    added that switch in its 5.x series; an older version would silently stay causal): the
+    first position's logits must change with the second token."""
+    if not is_causal_lm(model):
+        return
+    device = model_device(model, torch.device("cpu"))
+    x = torch.tensor([[0, 1], [0, 2]], device=device)
+    logits = call_model(model, x, None, **model_call_kwargs(model))
+    if torch.equal(logits[0, 0], logits[1, 0]):
+        import transformers
+        raise RuntimeError(f"{type(model).__name__} stays causal under is_causal=False with "
+                           f"transformers {transformers.__version__}: full attention for "
+                           f"decoder models needs a transformers with that switch (5.x)")
 
 
 def _check_length(name: str, value, model, prompts, hint: str) -> Optional[int]:

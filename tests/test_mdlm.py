@@ -79,6 +79,20 @@ def test_gpt2_runs_with_full_attention(models):
     assert not torch.allclose(first, full[:, 0])
 
 
+def test_a_causal_lm_that_ignores_full_attention_is_refused(prompts):
+    """An older transformers would run GPT-2 causally despite is_causal=False: refused."""
+    class StillCausalForCausalLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(VOCAB, VOCAB)
+
+        def forward(self, x, attention_mask=None, **kwargs):
+            return self.embed(x).cumsum(1)  # position i sees positions <= i only
+
+    with pytest.raises(RuntimeError, match="stays causal under is_causal=False"):
+        mdlm_generate(StillCausalForCausalLM(), prompts, **options("gpt2", max_length=24))
+
+
 def test_context_window(models):
     assert context_window(models["modernbert"]) == 48
     assert context_window(models["bert"]) == 48
