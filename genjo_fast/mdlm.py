@@ -41,7 +41,8 @@ from .mdlm_contract import (MDLMDraws, TorchMDLMDraws, edit_probability, is_caus
                             model_call_kwargs, num_to_unmask, open_positions, unmask_probability,
                             visible_positions)
 from .mdlm_sampling import sample_rows
-from .validation import check_model_not_meta, check_token_tensor, check_vocab_size
+from .validation import (_check_float, _check_int, check_model_not_meta, check_token_tensor,
+                         check_vocab_size)
 
 __all__ = ["mdlm_generate", "mdlm_generate_steps", "mdlm_semi_autoregressive",
            "mdlm_semi_autoregressive_steps", "MDLMStats", "context_window", "head_split"]
@@ -290,13 +291,6 @@ class MDLMRule:
 # ----------------------------------------------------------------------------------------------
 # Validation.
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
 def _check_flag(name: str, value) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")
@@ -344,9 +338,7 @@ def check_mdlm_args(model, prompts: List[torch.Tensor], *, num_steps, allow_edit
     if shift not in (0, 1) or isinstance(shift, bool):
         raise ValueError(f"shift must be 0 (a masked LM) or 1 (DiffuGPT: the prediction for "
                          f"position i is read at i - 1), got {shift!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or \
-            not 0 <= temperature < float("inf"):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    _check_float("temperature", temperature)
     if isinstance(length_threshold, bool) or not isinstance(length_threshold, numbers.Real) \
             or not 0 <= length_threshold <= 1:
         raise ValueError(f"length_threshold must be a probability in [0, 1], got "

@@ -489,7 +489,7 @@ def test_runner_skips_the_forward_when_no_row_changes(models):
     (dict(max_length=5), ValueError, "leaves no room to generate after a prompt of 7 tokens"),
     (dict(max_length=49), ValueError, "exceeds the model's context window"),
     (dict(shift=2), ValueError, "shift must be 0"),
-    (dict(temperature=-1.0), ValueError, "temperature must be a finite number"),
+    (dict(temperature=-1.0), ValueError, "temperature must be finite and >= 0"),
     (dict(length_threshold=1.5), ValueError, "length_threshold must be a probability"),
     (dict(adaptive_length=True, eos_id=None), ValueError, "adaptive_length=True needs eos_id"),
     (dict(allow_edits=1), TypeError, "allow_edits must be True or False"),
