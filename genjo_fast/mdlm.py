@@ -134,7 +134,9 @@ class RowRunner:
 
     Called as ``runner(x, start, stop, full, rows)`` with ``rows`` bool ``(B, stop - start)``;
     returns ``(RowLogits, None)``. The prediction for position ``i`` is the model's output at
-    ``i - shift``.
+    ``i - shift``. The model runs ``forward_batch_size`` canvas rows at a time (all of them by
+    default), skipping those where no position can change; a step where none can change runs
+    no forward.
 
     Args:
         model: a transformers LM (:func:`head_split` classes run body and head apart) or any
@@ -142,37 +144,54 @@ class RowRunner:
         attention_mask: ``(B, L)`` 0/1 or ``None``.
         shift: 0, or 1 for a DiffuGPT-style model.
         stats: the :class:`MDLMStats` counted into.
+        forward_batch_size: canvas rows per model forward; ``None``: all.
     """
 
     def __init__(self, model, attention_mask: Optional[torch.Tensor], shift: int,
-                 stats: MDLMStats):
+                 stats: MDLMStats, forward_batch_size: Optional[int] = None):
         self.model = model
         self.split = head_split(model)
         self.attention_mask = attention_mask
         self.shift = shift
         self.kwargs = model_call_kwargs(model)
         self.stats = stats
+        self.forward_batch_size = forward_batch_size
 
     def __call__(self, x: torch.Tensor, start: int, stop: int, full: bool,
                  rows: torch.Tensor) -> Tuple[RowLogits, None]:
         batch, positions = rows.nonzero(as_tuple=True)
         positions = positions + start
         self.stats.head_rows += len(positions)
-        if len(positions) == 0:  # nothing can change: no forward
-            return RowLogits(batch, positions, 0, None), None
-        self.stats.forwards += 1
-        self.stats.forward_tokens += x.numel()
         x = x.contiguous()
         source = positions - self.shift
-        if self.split is not None:
-            body, head = self.split
-            hidden = body(x, attention_mask=self.attention_mask, **self.kwargs)[0]
-            hidden = hidden[batch, source]
-            vocab = self.model.get_output_embeddings().out_features
-            return RowLogits(batch, positions, vocab, lambda a, b: head(hidden[a:b])), None
-        # Advanced indexing copies: the rows are private, the sampler may overwrite them.
-        logits = call_model(self.model, x, self.attention_mask, **self.kwargs)[batch, source]
-        return RowLogits(batch, positions, logits.shape[-1], lambda a, b: logits[a:b]), None
+        size = self.forward_batch_size or x.shape[0]
+        gathered, vocab = None, 0
+        for a in range(0, x.shape[0], size):
+            b = min(a + size, x.shape[0])
+            mine = (batch >= a) & (batch < b)
+            if not bool(mine.any()):
+                continue  # no position of these rows can change
+            self.stats.forwards += 1
+            self.stats.forward_tokens += (b - a) * x.shape[1]
+            mask = None if self.attention_mask is None else self.attention_mask[a:b]
+            if self.split is not None:
+                out = self.split[0](x[a:b], attention_mask=mask, **self.kwargs)[0]
+            else:
+                out = call_model(self.model, x[a:b], mask, **self.kwargs)
+            # Advanced indexing copies: the rows are private, the sampler may overwrite them.
+            picked = out[batch[mine] - a, source[mine]]
+            if gathered is None:
+                gathered = picked.new_empty((len(positions), picked.shape[-1]))
+            gathered[mine] = picked
+            del out
+        if gathered is None:  # nothing can change: no forward
+            return RowLogits(batch, positions, 0, None), None
+        if self.split is None:
+            return RowLogits(batch, positions, gathered.shape[-1], lambda a, b: gathered[a:b]), \
+                None
+        head = self.split[1]
+        vocab = self.model.get_output_embeddings().out_features
+        return RowLogits(batch, positions, vocab, lambda a, b: head(gathered[a:b])), None
 
 
 class RowSampler:
@@ -320,7 +339,8 @@ def as_prompt_list(prompts) -> List[torch.Tensor]:
 
 def check_mdlm_args(model, prompts: List[torch.Tensor], *, num_steps, allow_edits,
                     use_confidence, mask_id, pad_id, eos_id, shift, temperature,
-                    adaptive_length, length_threshold, generator) -> None:
+                    adaptive_length, length_threshold, generator,
+                    forward_batch_size=None) -> None:
     """Validates the options shared by :func:`mdlm_generate` and
     :func:`mdlm_semi_autoregressive` (``prompts`` already through :func:`as_prompt_list`)."""
     if not prompts:
@@ -343,6 +363,8 @@ def check_mdlm_args(model, prompts: List[torch.Tensor], *, num_steps, allow_edit
             or not 0 <= length_threshold <= 1:
         raise ValueError(f"length_threshold must be a probability in [0, 1], got "
                          f"{length_threshold!r}")
+    if forward_batch_size is not None:
+        _check_int("forward_batch_size", forward_batch_size, 1)
     if adaptive_length and eos_id is None:
         raise ValueError("adaptive_length=True needs eos_id (the token that ends the answer)")
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -402,7 +424,8 @@ def _canvas_steps(model, x: torch.Tensor, region: torch.Tensor,
                   ops, num_steps: int, first_step: int, steps: range, allow_edits: bool,
                   use_confidence: bool, mask_id: int, pad_id: Optional[int],
                   eos_id: Optional[int], shift: int, temperature: float, draws: MDLMDraws,
-                  stats: MDLMStats, probe_id: Optional[int] = None) -> Iterator[StepEvent]:
+                  stats: MDLMStats, forward_batch_size: Optional[int] = None,
+                  probe_id: Optional[int] = None) -> Iterator[StepEvent]:
     """Runs steps ``steps`` (of ``num_steps``) on the canvas ``x`` (int64 ``(B, W)``, updated
     in place) through the engine, yielding its events. Only ``region`` (bool ``(B, W)``) is
     written; the engine's window spans the region's columns. Returns (as the generator's
@@ -411,7 +434,7 @@ def _canvas_steps(model, x: torch.Tensor, region: torch.Tensor,
     if len(columns) == 0:  # nothing left to generate
         return None
     start, stop = int(columns[0]), int(columns[-1]) + 1
-    runner = RowRunner(model, attention_mask, shift, stats)
+    runner = RowRunner(model, attention_mask, shift, stats, forward_batch_size)
     sampler = RowSampler(draws, batch_index, (x.shape[0], stop - start), mask_id=mask_id,
                          temperature=temperature, probe_id=probe_id)
     rule = MDLMRule(ops, region[:, start:stop], batch_index, start, stop, num_steps, first_step,
@@ -426,10 +449,10 @@ def _canvas_steps(model, x: torch.Tensor, region: torch.Tensor,
 
 
 def _options(num_steps, allow_edits, use_confidence, mask_id, pad_id, eos_id, shift,
-             temperature, draws, generator) -> dict:
+             temperature, draws, generator, forward_batch_size) -> dict:
     return dict(num_steps=num_steps, allow_edits=allow_edits, use_confidence=use_confidence,
                 mask_id=mask_id, pad_id=pad_id, eos_id=eos_id, shift=shift,
-                temperature=temperature,
+                temperature=temperature, forward_batch_size=forward_batch_size,
                 draws=draws if draws is not None else TorchMDLMDraws(generator))
 
 
@@ -441,6 +464,7 @@ def mdlm_generate_steps(model, prompts, *, max_length: int, num_steps: int = 50,
                         draws: Optional[MDLMDraws] = None,
                         generator: Optional[torch.Generator] = None,
                         backend: Optional[str] = None,
+                        forward_batch_size: Optional[int] = None,
                         stats: Optional[MDLMStats] = None) -> Iterator[StepEvent]:
     """:func:`mdlm_generate` as an iterator: yields a :class:`~genjo_fast.engine.StepEvent`
     after every step (``event.x`` is the canvas, ``(B, W)`` with ``W <= max_length`` once
@@ -451,12 +475,13 @@ def mdlm_generate_steps(model, prompts, *, max_length: int, num_steps: int = 50,
                     use_confidence=use_confidence, mask_id=mask_id, pad_id=pad_id,
                     eos_id=eos_id, shift=shift, temperature=temperature,
                     adaptive_length=adaptive_length, length_threshold=length_threshold,
-                    generator=generator)
+                    generator=generator, forward_batch_size=forward_batch_size)
     _check_length("max_length", max_length, model, prompts,
                   "generate beyond it with mdlm_semi_autoregressive (block by block)")
     return _generate_steps(model, prompts, max_length, stats if stats is not None else MDLMStats(),
                            _options(num_steps, allow_edits, use_confidence, mask_id, pad_id,
-                                    eos_id, shift, temperature, draws, generator),
+                                    eos_id, shift, temperature, draws, generator,
+                                    forward_batch_size),
                            adaptive_length, length_threshold, backend)
 
 
@@ -537,6 +562,7 @@ def mdlm_generate(model, prompts, *, max_length: int, num_steps: int = 50,
                   temperature: float = 1.0, adaptive_length: bool = False,
                   length_threshold: float = 0.5, draws: Optional[MDLMDraws] = None,
                   generator: Optional[torch.Generator] = None, backend: Optional[str] = None,
+                  forward_batch_size: Optional[int] = None,
                   observer: Optional[Callable[[StepEvent], None]] = None,
                   return_stats: bool = False):
     """Generates with a masked LM (or a DiffuGPT-style LM, ``shift=1``) as diffusionGPT's
@@ -566,6 +592,9 @@ def mdlm_generate(model, prompts, *, max_length: int, num_steps: int = 50,
         draws: the uniforms (:class:`~genjo_fast.mdlm_contract.TensorMDLMDraws` to replay the
             statement's); default fresh ones from ``generator``.
         backend: backend of the transfer selection (``genjo_fast.backends``).
+        forward_batch_size: canvas rows per model forward (``None``: the whole batch at once);
+            fewer rows lower the peak memory. Rows where no position can change at a step are
+            not run.
         observer: called with a :class:`~genjo_fast.engine.StepEvent` after every step.
         return_stats: also return the :class:`MDLMStats`.
     Returns:
@@ -578,7 +607,7 @@ def mdlm_generate(model, prompts, *, max_length: int, num_steps: int = 50,
         use_confidence=use_confidence, mask_id=mask_id, pad_id=pad_id, eos_id=eos_id,
         shift=shift, temperature=temperature, adaptive_length=adaptive_length,
         length_threshold=length_threshold, draws=draws, generator=generator, backend=backend,
-        stats=stats), observer)
+        forward_batch_size=forward_batch_size, stats=stats), observer)
     return (out, stats) if return_stats else out
 
 
@@ -592,6 +621,7 @@ def mdlm_semi_autoregressive_steps(model, prompts, *, block_size: int, max_lengt
                                    draws: Optional[MDLMDraws] = None,
                                    generator: Optional[torch.Generator] = None,
                                    backend: Optional[str] = None,
+                                   forward_batch_size: Optional[int] = None,
                                    stats: Optional[MDLMStats] = None
                                    ) -> Iterator[List[torch.Tensor]]:
     """:func:`mdlm_semi_autoregressive` as an iterator: yields every sequence's current state
@@ -602,7 +632,8 @@ def mdlm_semi_autoregressive_steps(model, prompts, *, block_size: int, max_lengt
     check_mdlm_args(model, prompts, num_steps=num_steps, allow_edits=allow_edits,
                     use_confidence=use_confidence, mask_id=mask_id, pad_id=pad_id,
                     eos_id=eos_id, shift=shift, temperature=temperature,
-                    adaptive_length=False, length_threshold=0.5, generator=generator)
+                    adaptive_length=False, length_threshold=0.5, generator=generator,
+                    forward_batch_size=forward_batch_size)
     _check_int("block_size", block_size, 1)
     _check_length("max_length", max_length, model, prompts, "")
     if stop_id is not None:
@@ -620,7 +651,7 @@ def mdlm_semi_autoregressive_steps(model, prompts, *, block_size: int, max_lengt
         model, prompts, block_size, max_length, window, stop_id,
         stats if stats is not None else MDLMStats(),
         _options(num_steps, allow_edits, use_confidence, mask_id, pad_id, eos_id, shift,
-                 temperature, draws, generator), backend)
+                 temperature, draws, generator, forward_batch_size), backend)
 
 
 @torch.no_grad()
@@ -678,6 +709,7 @@ def mdlm_semi_autoregressive(model, prompts, *, block_size: int, max_length: int
                              draws: Optional[MDLMDraws] = None,
                              generator: Optional[torch.Generator] = None,
                              backend: Optional[str] = None,
+                             forward_batch_size: Optional[int] = None,
                              observer: Optional[Callable[[List[torch.Tensor]], None]] = None,
                              return_stats: bool = False):
     """Semi-autoregressive generation beyond the context window, block by block
@@ -705,5 +737,6 @@ def mdlm_semi_autoregressive(model, prompts, *, block_size: int, max_length: int
         model, prompts, block_size=block_size, max_length=max_length, num_steps=num_steps,
         allow_edits=allow_edits, use_confidence=use_confidence, mask_id=mask_id, pad_id=pad_id,
         eos_id=eos_id, shift=shift, temperature=temperature, stop_id=stop_id, window=window,
-        draws=draws, generator=generator, backend=backend, stats=stats), observer)
+        draws=draws, generator=generator, backend=backend,
+        forward_batch_size=forward_batch_size, stats=stats), observer)
     return (out, stats) if return_stats else out

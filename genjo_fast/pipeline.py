@@ -36,7 +36,7 @@ TASK = "text-diffusion"
 #: Call options of ``pipe(...)`` / ``stream_generation``, by stage.
 _PREPROCESS = ("max_length", "add_special_tokens")
 _FORWARD = ("num_steps", "allow_edits", "use_confidence", "temperature", "adaptive_length",
-            "length_threshold", "generator", "return_history")
+            "length_threshold", "generator", "forward_batch_size", "return_history")
 _POSTPROCESS = ("stop_token", "skip_special_tokens")
 #: Upstream's default canvas length when the config has no ``seq_length``.
 DEFAULT_MAX_LENGTH = 512
@@ -60,7 +60,8 @@ class TextDiffusionPipeline(Pipeline):
       occurrence;
     * ``return_history`` (False): also return the canvas after every step;
     * ``temperature`` (1.0), ``generator`` (a ``torch.Generator``), ``adaptive_length``
-      (False, approximate) and ``length_threshold`` (0.5): see :func:`genjo_fast.mdlm_generate`;
+      (False, approximate), ``length_threshold`` (0.5) and ``forward_batch_size`` (rows per
+      model forward; default all): see :func:`genjo_fast.mdlm_generate`;
     * ``add_special_tokens`` (True, as ``tokenizer.encode``), ``skip_special_tokens`` (False:
       upstream decodes every token);
     * ``batch_size``: prompts per batch (default: all at once).
@@ -106,13 +107,14 @@ class TextDiffusionPipeline(Pipeline):
                  allow_edits: bool = True, use_confidence: bool = False,
                  temperature: float = 1.0, adaptive_length: bool = False,
                  length_threshold: float = 0.5, generator: Optional[torch.Generator] = None,
+                 forward_batch_size: Optional[int] = None,
                  return_history: bool = False) -> Dict[str, Any]:
         steps = mdlm_generate_steps(
             self.model, model_inputs["prompts"], max_length=model_inputs["max_length"],
             num_steps=num_steps, allow_edits=allow_edits, use_confidence=use_confidence,
             **self._special_ids(), shift=self.shift, temperature=temperature,
             adaptive_length=adaptive_length, length_threshold=length_threshold,
-            generator=generator)
+            generator=generator, forward_batch_size=forward_batch_size)
         history = None
         if return_history:
             history = [_initial_canvas(model_inputs, self.tokenizer.mask_token_id)]
@@ -205,7 +207,7 @@ class TextDiffusionPipeline(Pipeline):
         it). Returns a result dict (a list of them for a list of texts) with the keys of
         :meth:`postprocess`; ``history`` holds every step's full sequence when
         ``return_history=True``. Other options: ``temperature``, ``generator``,
-        ``add_special_tokens``, ``skip_special_tokens``."""
+        ``forward_batch_size``, ``add_special_tokens``, ``skip_special_tokens``."""
         keep_history = options.get("return_history", False)
         history, final = [], None
         for state in self._semi_autoregressive(inputs, block_size, max_length, num_steps,
@@ -272,7 +274,7 @@ class TextDiffusionPipeline(Pipeline):
         """The states of every step (lists of 1-D tensors), then a :class:`_Final` when
         ``keep_final``."""
         allowed = {"temperature", "generator", "add_special_tokens", "skip_special_tokens",
-                   "return_history"}
+                   "forward_batch_size", "return_history"}
         unknown = sorted(set(options) - allowed)
         if unknown:
             raise TypeError(f"{TASK} semi-autoregressive: unknown option(s) "
@@ -288,7 +290,8 @@ class TextDiffusionPipeline(Pipeline):
             allow_edits=allow_edits, use_confidence=use_confidence, **self._special_ids(),
             shift=self.shift, temperature=options.get("temperature", 1.0),
             stop_id=self._stop_id(stop_token), window=self.window,
-            generator=options.get("generator"))
+            generator=options.get("generator"),
+            forward_batch_size=options.get("forward_batch_size"))
         while True:
             try:
                 yield next(steps)

@@ -160,6 +160,21 @@ def test_edits_change_decoded_tokens(models, prompts):
     assert not torch.equal(with_edits, without)
 
 
+@pytest.mark.parametrize("kind", ["modernbert", "gpt2"])
+@pytest.mark.parametrize("forward_batch_size", [1, 2])
+def test_forward_batch_size_equals_statement(models, prompts, kind, forward_batch_size):
+    """The model run a few canvas rows at a time, rows with nothing to change skipped: the same
+    tokens (on CPU the tiny models' rows do not depend on the batch's composition)."""
+    kw = options(kind, max_length=30, num_steps=8)
+    draws = fresh_draws(8, len(prompts), 30, seed=14)
+    expected = reference_mdlm.generate(models[kind], prompts, draws=draws, **kw)
+    out, stats = mdlm_generate(models[kind], prompts, draws=draws, return_stats=True,
+                               forward_batch_size=forward_batch_size, **kw)
+    assert torch.equal(out, expected)
+    assert stats.forwards <= 8 * -(-len(prompts) // forward_batch_size)
+    assert stats.forward_tokens <= 8 * len(prompts) * 30
+
+
 def test_model_without_a_known_head_runs_its_full_forward(prompts):
     """Any callable returning .logits works (the logits are gathered on the rows)."""
     model = TinyBidirectionalLM(VOCAB, d_model=32, n_heads=2, n_layers=2, seed=0)
@@ -480,6 +495,20 @@ def test_runner_skips_the_forward_when_no_row_changes(models):
     assert len(logits.positions) == 0 and stats.forwards == 0
 
 
+def test_runner_runs_only_the_canvas_rows_that_change(models):
+    """forward_batch_size=1: one forward of the one row with a changing position, whose
+    logits are the model's."""
+    stats = MDLMStats()
+    runner = RowRunner(models["bert"], None, 0, stats, forward_batch_size=1)
+    x = torch.randint(6, VOCAB, (3, 6), generator=torch.Generator().manual_seed(15))
+    rows = torch.zeros(3, 4, dtype=torch.bool)
+    rows[1, 2] = True
+    logits, _ = runner(x, 2, 6, True, rows)
+    assert stats.forwards == 1 and stats.forward_tokens == 6 and stats.head_rows == 1
+    with torch.no_grad():
+        torch.testing.assert_close(logits.chunk(0, 1)[0], models["bert"](x[1:2]).logits[0, 4])
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input.
 
@@ -495,6 +524,7 @@ def test_runner_skips_the_forward_when_no_row_changes(models):
     (dict(allow_edits=1), TypeError, "allow_edits must be True or False"),
     (dict(mask_id=VOCAB), ValueError, "mask_id=61 is outside the model vocabulary"),
     (dict(generator=0), TypeError, "generator must be a torch.Generator"),
+    (dict(forward_batch_size=0), ValueError, "forward_batch_size must be >= 1"),
 ])
 def test_bad_arguments(models, prompts, overrides, error, match):
     kw = options("bert", max_length=24, num_steps=4)
