@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -165,7 +165,7 @@ class RowRunner:
         x = x.contiguous()
         source = positions - self.shift
         size = self.forward_batch_size or x.shape[0]
-        gathered, vocab = None, 0
+        gathered = None
         for a in range(0, x.shape[0], size):
             b = min(a + size, x.shape[0])
             mine = (batch >= a) & (batch < b)
@@ -190,8 +190,8 @@ class RowRunner:
             return RowLogits(batch, positions, gathered.shape[-1], lambda a, b: gathered[a:b]), \
                 None
         head = self.split[1]
-        vocab = self.model.get_output_embeddings().out_features
-        return RowLogits(batch, positions, vocab, lambda a, b: head(gathered[a:b])), None
+        return RowLogits(batch, positions, self.model.get_output_embeddings().out_features,
+                         lambda a, b: head(gathered[a:b])), None
 
 
 class RowSampler:

@@ -27,8 +27,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .mdlm import (as_prompt_list, context_window, mdlm_generate_steps,
-                   mdlm_semi_autoregressive_steps)
+from .mdlm import context_window, mdlm_generate_steps, mdlm_semi_autoregressive_steps
 from .mdlm_contract import is_causal_lm
 
 TASK = "text-diffusion"
