@@ -175,6 +175,25 @@ def test_shift_from_the_config(tokenizer):
     assert masked.shift == 0
 
 
+@pytest.mark.parametrize("kind", ["modernbert", "gpt2"])
+def test_pipeline_from_a_checkpoint_directory(tokenizer, tmp_path, kind):
+    """pipeline("text-diffusion", model=path): the registered model classes load it (a masked
+    LM, or a causal LM whose saved config asks for the shift), the tokenizer comes along."""
+    model = tiny_model(kind, positions=40)
+    if kind == "gpt2":
+        model.config.shift_logits = True
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    pipe = pipeline("text-diffusion", model=str(tmp_path), device="cpu")
+    assert type(pipe.model).__name__ == type(model).__name__
+    assert pipe.shift == (1 if kind == "gpt2" else 0)
+    out = pipe(PROMPTS[1], num_steps=3, max_length=16, generator=torch.Generator().manual_seed(9))
+    expected = mdlm_generate(model, [tokenizer.encode(PROMPTS[1])], max_length=16, num_steps=3,
+                             mask_id=MASK_ID, pad_id=PAD_ID, eos_id=EOS_ID, shift=pipe.shift,
+                             generator=torch.Generator().manual_seed(9))
+    assert torch.equal(out["final_ids"], expected)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input.
 
