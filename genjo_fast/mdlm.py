@@ -45,7 +45,8 @@ from .validation import (_check_float, _check_int, check_model_not_meta, check_t
                          check_vocab_size)
 
 __all__ = ["mdlm_generate", "mdlm_generate_steps", "mdlm_semi_autoregressive",
-           "mdlm_semi_autoregressive_steps", "MDLMStats", "context_window", "head_split"]
+           "mdlm_semi_autoregressive_steps", "drain_steps", "MDLMStats", "context_window",
+           "head_split"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -477,7 +478,8 @@ def mdlm_generate_steps(model, prompts, *, max_length: int, num_steps: int = 50,
                     adaptive_length=adaptive_length, length_threshold=length_threshold,
                     generator=generator, forward_batch_size=forward_batch_size)
     _check_length("max_length", max_length, model, prompts,
-                  "generate beyond it with mdlm_semi_autoregressive (block by block)")
+                  "generate beyond it block by block (mdlm_semi_autoregressive, or the "
+                  "pipeline's semi_autoregressive_generate)")
     return _generate_steps(model, prompts, max_length, stats if stats is not None else MDLMStats(),
                            _options(num_steps, allow_edits, use_confidence, mask_id, pad_id,
                                     eos_id, shift, temperature, draws, generator,
@@ -544,9 +546,10 @@ def cut_at_eos(x: torch.Tensor, region: torch.Tensor, eos_probability: torch.Ten
     return width, (columns[:, :width] < lengths[:, None]).long()
 
 
-def _drain(steps: Iterator, observer: Optional[Callable]):
-    """Runs a step iterator to the end, calling ``observer`` on each item; returns its
-    return value."""
+def drain_steps(steps: Iterator, observer: Optional[Callable] = None):
+    """Runs a step iterator (:func:`mdlm_generate_steps`, :func:`mdlm_semi_autoregressive_steps`)
+    to the end, calling ``observer`` on each item; returns the iterator's return value (the
+    result)."""
     while True:
         try:
             event = next(steps)
@@ -602,7 +605,7 @@ def mdlm_generate(model, prompts, *, max_length: int, num_steps: int = 50,
         ``return_stats``, the pair ``(tokens, MDLMStats)``.
     """
     stats = MDLMStats()
-    out = _drain(mdlm_generate_steps(
+    out = drain_steps(mdlm_generate_steps(
         model, prompts, max_length=max_length, num_steps=num_steps, allow_edits=allow_edits,
         use_confidence=use_confidence, mask_id=mask_id, pad_id=pad_id, eos_id=eos_id,
         shift=shift, temperature=temperature, adaptive_length=adaptive_length,
@@ -733,7 +736,7 @@ def mdlm_semi_autoregressive(model, prompts, *, block_size: int, max_length: int
         ``return_stats``, the pair ``(sequences, MDLMStats)``.
     """
     stats = MDLMStats()
-    out = _drain(mdlm_semi_autoregressive_steps(
+    out = drain_steps(mdlm_semi_autoregressive_steps(
         model, prompts, block_size=block_size, max_length=max_length, num_steps=num_steps,
         allow_edits=allow_edits, use_confidence=use_confidence, mask_id=mask_id, pad_id=pad_id,
         eos_id=eos_id, shift=shift, temperature=temperature, stop_id=stop_id, window=window,

@@ -27,7 +27,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .mdlm import context_window, mdlm_generate_steps, mdlm_semi_autoregressive_steps
+from .mdlm import (context_window, drain_steps, mdlm_generate_steps,
+                   mdlm_semi_autoregressive_steps)
 from .mdlm_contract import is_causal_lm
 
 TASK = "text-diffusion"
@@ -117,14 +118,8 @@ class TextDiffusionPipeline(Pipeline):
         history = None
         if return_history:
             history = [_initial_canvas(model_inputs, self.tokenizer.mask_token_id)]
-        while True:
-            try:
-                event = next(steps)
-            except StopIteration as done:
-                final = done.value
-                break
-            if history is not None:
-                history.append(event.x.clone())
+        final = drain_steps(steps, None if history is None else
+                            lambda event: history.append(event.x.clone()))
         return {"final_ids": final, "prompt_lengths": [len(p) for p in model_inputs["prompts"]],
                 "history": history}
 
@@ -153,6 +148,7 @@ class TextDiffusionPipeline(Pipeline):
         class docstring for the options and :meth:`postprocess` for the result."""
         texts = _as_texts(inputs)
         preprocess, forward, postprocess = self._merged(options)
+        self._stop_id(postprocess.get("stop_token"))  # a bad stop token fails before the work
         batch_size = _batch_size(batch_size if batch_size is not None else self._batch_size,
                                  len(texts))
         results = []
