@@ -232,8 +232,8 @@ def test_attention_backends(backend, monkeypatch):
 
 
 def test_random_dream():
-    model = random_dream(vocab_size=101, hidden_size=48, num_key_value_heads=2, dtype=torch.bfloat16,
-                         mask_token_id=100)
+    model = random_dream(vocab_size=101, hidden_size=48, num_key_value_heads=2,
+                         dtype=torch.bfloat16, mask_token_id=100)
     assert model.dtype == torch.bfloat16 and model.config.mask_token_id == 100
     assert {p.device.type for p in model.parameters()} == {"cpu"}
     assert not any(p.requires_grad for p in model.parameters())
