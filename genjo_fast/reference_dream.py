@@ -87,132 +87,9 @@ from typing import Any, Callable, List, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from .contract import DREAM, logits_of
+from .contract import logits_of
 from .draws import Draws, TorchDraws
-
-ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
-
-#: Upstream's ``DreamGenerationConfig`` defaults of the fields :func:`diffusion_generate` reads.
-GENERATION_DEFAULTS: Mapping[str, Any] = dict(
-    temperature=0.0, top_p=None, top_k=None, max_length=20, max_new_tokens=None, eps=1e-3,
-    steps=512, alg="origin", alg_temp=None, num_return_sequences=1,
-    return_dict_in_generate=False, output_history=False, mask_token_id=None)
-
-
-class _Unset:
-    """The default of :func:`diffusion_generate`'s setting arguments: "not passed"."""
-
-    def __repr__(self) -> str:
-        return "UNSET"
-
-
-#: Marks a setting the caller did not pass (the config's or the default value applies).
-UNSET: Any = _Unset()
-
-
-@dataclass(frozen=True)
-class DreamSettings:
-    """The resolved settings of one :func:`diffusion_generate` call (see
-    :func:`resolve_settings`)."""
-    max_length: int
-    steps: int
-    eps: float
-    alg: str
-    alg_temp: Optional[float]
-    temperature: float
-    top_p: Optional[float]
-    top_k: Optional[int]
-    mask_token_id: int
-    num_return_sequences: int
-    output_history: bool
-    return_dict_in_generate: bool
-
-
-@dataclass
-class DreamGenerateOutput:
-    """Upstream's ``DreamModelOutput``: ``sequences`` int64 ``(B, max_length)``; ``history``
-    the canvas after every step (``steps`` tensors like ``sequences``), or ``None`` without
-    ``output_history``."""
-    sequences: torch.Tensor
-    history: Optional[List[torch.Tensor]] = None
-
-
-def _fields(source, names) -> dict:
-    """The entries of ``source`` (a mapping, an object with ``to_dict()``, or with attributes)
-    whose names are in ``names``."""
-    if source is None:
-        return {}
-    if not isinstance(source, Mapping):
-        to_dict = getattr(source, "to_dict", None)
-        source = to_dict() if callable(to_dict) else vars(source)
-    return {k: v for k, v in source.items() if k in names}
-
-
-def resolve_settings(model, input_length: int, generation_config=None,
-                     **passed) -> DreamSettings:
-    """Combines defaults, the model's or the given generation config, and the caller's
-    keyword arguments as upstream's ``diffusion_generate`` does (module docstring).
-
-    Args:
-        model: the model (its ``config`` and ``generation_config`` are read, if present).
-        input_length: the prompt length ``Lp``.
-        generation_config: ``None``, a mapping, or an object with the fields as attributes
-            (e.g. upstream's ``DreamGenerationConfig``); missing fields take the defaults.
-        passed: the settings the caller passed (names of :data:`GENERATION_DEFAULTS`);
-            ``max_length=None`` and ``max_new_tokens=None`` count as not passed.
-    Raises:
-        TypeError: an unknown setting. ValueError: a bad value, or ``Lp >= max_length``.
-    """
-    unknown = sorted(set(passed) - set(GENERATION_DEFAULTS))
-    if unknown:
-        raise TypeError(f"diffusion_generate got unknown setting(s): {', '.join(unknown)}")
-    model_config = getattr(model, "config", None)
-    values = dict(GENERATION_DEFAULTS)
-    if generation_config is None:
-        values.update(_fields(model_config, GENERATION_DEFAULTS))
-    else:
-        values.update(_fields(generation_config, GENERATION_DEFAULTS))
-    explicit_max_length = passed.get("max_length") is not None
-    values.update({k: v for k, v in passed.items()
-                   if not (k in ("max_length", "max_new_tokens") and v is None)})
-
-    if values["mask_token_id"] is None:  # upstream: the model's generation config's
-        values["mask_token_id"] = next(
-            (m for m in (getattr(getattr(model, "generation_config", None), "mask_token_id",
-                                 None), getattr(model_config, "mask_token_id", None))
-             if m is not None), DREAM.mask)
-    max_length = values["max_length"]
-    if values["max_new_tokens"] is not None:
-        max_length = values["max_new_tokens"] + input_length
-    elif not explicit_max_length and max_length == GENERATION_DEFAULTS["max_length"]:
-        max_length = max_length + input_length
-        limit = getattr(model_config, "max_position_embeddings", None)
-        if limit is not None:
-            max_length = min(max_length, limit)
-    if not isinstance(max_length, int) or input_length >= max_length:
-        raise ValueError(f"the prompt length {input_length} must be smaller than max_length="
-                         f"{max_length} (set max_new_tokens, or a larger max_length)")
-    _check_values(values)
-    return DreamSettings(max_length=max_length, **{
-        k: values[k] for k in ("steps", "eps", "alg", "alg_temp", "temperature", "top_p",
-                               "top_k", "mask_token_id", "num_return_sequences",
-                               "output_history", "return_dict_in_generate")})
-
-
-def _check_values(values: dict) -> None:
-    if values["alg"] not in ALGS:
-        raise ValueError(f"alg={values['alg']!r} is not one of {ALGS}")
-    for name in ("steps", "num_return_sequences"):
-        if not isinstance(values[name], int) or values[name] < 1:
-            raise ValueError(f"{name}={values[name]!r} must be a positive int")
-    if not isinstance(values["temperature"], (int, float)) or values["temperature"] < 0:
-        raise ValueError(f"temperature={values['temperature']!r} must be a number >= 0")
-    if values["top_k"] is not None and (not isinstance(values["top_k"], int)
-                                        or values["top_k"] < 1):
-        raise ValueError(f"top_k={values['top_k']!r} must be None or an int >= 1")
-    if values["alg_temp"] is not None and values["alg_temp"] < 0:
-        raise ValueError(f"alg_temp={values['alg_temp']!r} must be None or >= 0")
-
+from .dream_settings import UNSET, DreamGenerateOutput, resolve_settings
 
 # --------------------------------------------------------------------------------------------
 # Token sampling (upstream's sample_tokens)
@@ -489,7 +366,6 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
     return x
 
 
-__all__ = ["diffusion_generate", "DreamGenerateOutput", "DreamSettings", "resolve_settings",
-           "GENERATION_DEFAULTS", "UNSET", "sample_tokens", "top_p_logits", "top_k_logits",
+__all__ = ["diffusion_generate", "sample_tokens", "top_p_logits", "top_k_logits",
            "categorical_fails", "inverse_cdf", "top_positions", "sample_positions",
-           "prepare_canvas", "transfer_count", "ALGS"]
+           "prepare_canvas", "transfer_count"]

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from genjo_fast import TensorDraws, TorchDraws
-from genjo_fast.reference_dream import (DreamGenerateOutput, diffusion_generate, inverse_cdf,
-                                        resolve_settings, sample_tokens)
+from genjo_fast.dream_settings import DreamGenerateOutput, resolve_settings
+from genjo_fast.reference_dream import diffusion_generate, inverse_cdf, sample_tokens
 from genjo_fast.testing import UpstreamShapedDream, random_dream, random_prompts
 
 MASK = 11  # the mask id of the hand-built models (vocabulary 12)
