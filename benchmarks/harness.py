@@ -36,6 +36,10 @@ Environment variables (all optional):
 ``GENJO_FAST_BENCH_RESULTS``   folder of the result files (default ``benchmarks/results``)
 =============================  ==========================================================
 
+pytest-benchmark's own table times one round (every side once); the figures are the harness's
+per-side medians, printed after each case (``-s``) and recorded. ``test_harness.py`` tests the
+harness and that ``RESULTS.md`` is what the records give.
+
 A new benchmark file ``benchmarks/test_bench_<name>.py`` takes the ``bench`` fixture, calls
 :meth:`Case.describe`, :meth:`Case.measure` once, asserts its outputs through the case, and
 derives its figures (:meth:`Case.ratio`, :meth:`Case.figure`); ``{{ <name> }}`` in
