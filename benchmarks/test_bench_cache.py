@@ -4,9 +4,10 @@ model's attention, K/V concatenated per step).
 
 CPU (machines without a GPU): the foundation setting (vocab 126464, prompt 128, gen 64, block
 16, steps 32, batch 1, temperature 0) on a small random LLaDA model, every implementation in one
-case. CUDA (skipped elsewhere): an LLaDA-8B-shaped model with random bf16 weights, prompt 512, gen 256, block 32,
-steps 256, batch 1 and 8: per-step time of the dual cache (with and without a CUDA graph)
-against the reference's, and the whole generate against the plain statement of the same cache.
+case. CUDA (skipped elsewhere): an LLaDA-8B-shaped model with random bf16 weights, prompt 512,
+gen 256, block 32, steps 256, batch 1 and 8: per-step time of the dual cache (with and without a
+CUDA graph) against the reference's, and the whole generate against the plain statement of the
+same cache.
 
 Checks: genjo_fast's exact path gives the reference's tokens; each cache gives the tokens of
 its plain statement; the CUDA graph gives the tokens of the same cache without it.
