@@ -29,6 +29,7 @@ from .dream_settings import DreamGenerateOutput, resolve_settings
 from .engine import StepEvent, Window, denoise, progress_bar
 from .models import DreamModel, dream_from_reference, is_dream
 from .runners import FullForward
+from .streaming import StreamAdapter
 from .validation import (check_generator, check_model_not_meta, check_token_tensor,
                          check_vocab_size)
 
@@ -211,7 +212,8 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
                        draws: Optional[Draws] = None, backend: Optional[str] = None,
                        fast_model: bool = True,
                        observer: Optional[Callable[[StepEvent], None]] = None,
-                       progress: bool = False, return_stats: bool = False, **settings):
+                       streamer=None, progress: bool = False, return_stats: bool = False,
+                       **settings):
     """Masked-diffusion sampling for Dream-7B, a drop-in replacement for upstream's
     ``model.diffusion_generate(inputs, generation_config=None, **kwargs)``.
 
@@ -251,6 +253,13 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
         fast_model: run a transformers-loaded Dream model through genjo_fast's
             implementation (the same function; in bf16 near-ties can differ).
         observer: called with a :class:`~genjo_fast.engine.StepEvent` after every step.
+        streamer: a transformers-style streamer (``put``, ``end``, optionally
+            ``put_draft``), driven as :mod:`genjo_fast.streaming` states: ``put(inputs)``
+            (repeated per ``num_return_sequences``), after every step ``put(ids)`` when the
+            decoded prefix of the answer grew and ``put_draft(rest of the answer, masks
+            included)``, then ``end()``. With ``generation_tokens_hook_func`` (which may
+            rewrite decoded tokens) nothing is confirmed before the end. One host copy of the
+            answer per step; none without a streamer.
         progress: a tqdm progress bar over the steps.
         return_stats: also return a :class:`~genjo_fast.engine.GenerateStats`.
         **settings: upstream's: ``max_length`` (canvas length, prompt included) or
@@ -283,6 +292,9 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
                        ("observer", observer)):
         if hook is not None and not callable(hook):
             raise TypeError(f"{name} must be callable, got {type(hook).__name__}")
+    stream = None
+    if streamer is not None:
+        stream = StreamAdapter(streamer, mask_id, edits=generation_tokens_hook_func is not None)
     if cfg.num_return_sequences > 1:
         inputs = inputs.repeat_interleave(cfg.num_return_sequences, dim=0)
         if attention_mask is not None:
@@ -300,6 +312,9 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
     mask_arg, model_kwargs = _model_call(model, attention_mask, cfg.max_length, device)
     runner = FullForward(model, mask_arg, None, 0.0, mask_id, shift=1, model_kwargs=model_kwargs)
     history = [] if cfg.output_history and cfg.return_dict_in_generate else None
+    if stream is not None:
+        stream.begin(inputs)
+        observer = stream.observer(prompt_len, observer)
     hooks = Hooks(runner, generation_logits_hook_func, generation_tokens_hook_func, history,
                   observer)
     if hooks.tokens_hook is not None:
@@ -321,6 +336,8 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
                     observer=hooks.after_step, bar=bar)
     if bar is not None:
         bar.close()
+    if stream is not None:
+        stream.finish(x[:, prompt_len:])
     result = DreamGenerateOutput(x, history) if cfg.return_dict_in_generate else x
     return (result, stats) if return_stats else result
 
