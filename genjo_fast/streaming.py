@@ -150,6 +150,7 @@ class StreamUpdate:
         draft: per row, the text of the rest, each mask shown as the streamer's ``mask_text``.
             Both texts end at the row's first stop id (``stop_ids``), when there is one.
         done: ``True`` for the last update of the call (``end()``); its draft is empty.
+        ends: per row, the position of its first stop id (the answer's length), or ``A``.
         pieces: per row, per position, the text of that one token (masks as ``mask_text``,
             stop ids as ``stop_text``): for visualisations.
     """
@@ -160,6 +161,7 @@ class StreamUpdate:
     confirmed: List[str]
     draft: List[str]
     done: bool
+    ends: List[int] = field(default_factory=list)
     pieces: List[List[str]] = field(repr=False, default_factory=list)
 
     def text(self, row: int = 0) -> str:
@@ -276,13 +278,15 @@ class DiffusionIteratorStreamer:
                  for mrow, nrow in zip(masked.tolist(), new.tolist())]
         c = confirmed.shape[1]
         rows = ids.tolist()
-        confirmed_texts, drafts, pieces = [], [], []
+        confirmed_texts, drafts, ends, pieces = [], [], [], []
         for row in rows:
             stop = next((i for i, t in enumerate(row) if t in self.stop_ids), len(row))
+            ends.append(stop)
             confirmed_texts.append(self._decode(row[:min(c, stop)]))
             drafts.append(self._render(row[c:stop]) if stop > c else "")
             pieces.append([self._piece(t) for t in row])
-        update = StreamUpdate(self._index, ids, kinds, c, confirmed_texts, drafts, done, pieces)
+        update = StreamUpdate(self._index, ids, kinds, c, confirmed_texts, drafts, done, ends,
+                              pieces)
         self._previous = masked
         self._index += 1
         return update

@@ -287,6 +287,7 @@ def test_iterator_streamer_any_batch(model, tokenizer):
                 assert kind == ("mask" if masked else "new" if was else "kept")
             ids = now[row].tolist()
             stop = next((i for i, t in enumerate(ids) if t in (EOS_ID, EOT_ID)), len(ids))
+            assert update.ends[row] == stop
             c = update.confirmed_length
             assert update.confirmed[row] == tokenizer.decode(ids[:min(c, stop)],
                                                              skip_special_tokens=True)
@@ -315,6 +316,7 @@ def test_iterator_streamer_renders_masks_inside_drafts():
     assert update.confirmed == ["a"] and update.draft == ["_b_"]
     assert update.kinds == [["new", "mask", "new", "mask", "new", "mask"]]
     assert update.pieces[0] == ["a", "_", "b", "_", "\u220e", "_"]
+    assert update.ends == [4]
 
 
 def test_iterator_streamer_raises_the_generating_threads_error(model):
