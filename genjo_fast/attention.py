@@ -47,8 +47,10 @@ def attention_flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The flash-attn package's statement of :func:`attention` (same arguments; CUDA, fp16/bf16).
 
-    flash-attn takes ``(B, L, H, D)`` and has no key mask: a mask drops the padded keys and runs
-    the varlen kernel, every batch row being one sequence of ``Lq`` queries and its real keys.
+    flash-attn takes ``(B, L, H, D)`` and has no key mask: with a mask, every batch row is one
+    sequence of ``Lq`` queries and its real keys for the varlen kernel. The real keys are
+    packed to the front of a buffer of all ``B * Lk`` keys (the padded ones behind them, never
+    read), ``max_seqlen_k`` is the bound ``Lk``: no host sync, so a CUDA graph can capture it.
     """
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 
@@ -58,17 +60,26 @@ def attention_flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if key_mask is None:
         return flash_attn_func(q_, k_, v_, causal=False).transpose(1, 2)
     batch, seqlen_q, heads, head_dim = q_.shape
-    real = key_mask.bool()
-    lengths = real.sum(1, dtype=torch.int32)  # [B] real keys per row
-    cu_seqlens_k = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    max_seqlen_k = int(lengths.max())
-    if max_seqlen_k == 0:  # no real key anywhere
+    seqlen_k = k_.shape[1]
+    if seqlen_k == 0:  # no key at all (a shape, not a value: no sync)
         return torch.zeros_like(q)
+    real = key_mask.bool().reshape(-1)  # [B * Lk] row-major: row j's keys, then row j + 1's
+    real_before = real.cumsum(0, dtype=torch.int32) - real.int()  # real keys before each key
+    lengths = key_mask.bool().sum(1, dtype=torch.int32)  # [B] real keys per row
+    cu_seqlens_k = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))  # [B + 1]
+    index = torch.arange(real.numel(), dtype=torch.int32, device=q.device)
+    # Packed slot of each key: real keys in order from 0 (row j's from cu_seqlens_k[j]), the
+    # padded ones after the last real key.
+    slot = torch.where(real, real_before, cu_seqlens_k[-1] + index - real_before).long()
+    k_packed, v_packed = (
+        torch.empty_like(x).index_copy_(0, slot, x)
+        for x in (k_.reshape(batch * seqlen_k, -1, head_dim),
+                  v_.reshape(batch * seqlen_k, -1, head_dim)))
     cu_seqlens_q = torch.arange(0, (batch + 1) * seqlen_q, seqlen_q, dtype=torch.int32,
                                 device=q.device)
     out = flash_attn_varlen_func(
-        q_.reshape(batch * seqlen_q, heads, head_dim), k_[real], v_[real],
-        cu_seqlens_q, cu_seqlens_k, seqlen_q, max_seqlen_k, causal=False)
+        q_.reshape(batch * seqlen_q, heads, head_dim), k_packed, v_packed,
+        cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, causal=False)
     # A row without real keys comes out zero (flash-attn writes zeros), as from "triton".
     return out.view(batch, seqlen_q, heads, head_dim).transpose(1, 2)
 

@@ -146,9 +146,11 @@ def select_transfer(confidence: torch.Tensor, num_transfer: Optional[torch.Tenso
       the largest prefix of ``n >= 1`` positions whose ``n``-th confidence satisfies
       ``c_n >= 1 - factor / (n + 1)`` (Fast-dLLM's factor decoding).
 
-    Equal confidences are ordered by position, lowest first. Positions holding ``-inf`` (not
-    masked, or outside the block) are never selected; a row without any finite entry selects
-    nothing.
+    Equal confidences are ordered by position, lowest first; NaN counts above every number
+    (torch's sort order: top-k takes NaN entries first, the threshold and factor rules never
+    select them). Positions holding ``-inf`` (not masked, or outside the block) are never
+    selected while ``num_transfer`` is at most the number of entries above ``-inf``; a row
+    without any such entry selects nothing.
 
     Args:
         confidence: ``(B, N)`` float.

@@ -6,7 +6,8 @@
 over the vocabulary once, in ``BLOCK_V`` chunks, keeping per row:
 
 * the running argmax of the keys (ties to the LOWEST index, as ``torch.argmax``: a chunk's
-  maximum replaces the running one only when it is strictly greater);
+  maximum replaces the running one only when it is strictly greater; a NaN key, which
+  ``torch.argmax`` counts above every number, wins: the row's first NaN is its x0);
 * the running max ``m`` and sum ``s`` of the online softmax (log-sum-exp), in float32.
 
 Nothing proportional to ``V`` is allocated. Per chunk the kernel reproduces the reference's
@@ -85,11 +86,14 @@ if triton is not None:
 
     @triton.jit
     def _round_to(x, ROUND: tl.constexpr):
-        """float32 ``x`` rounded to nearest-even in bf16 (ROUND=1) / fp16 (2), kept as float32."""
+        """float32 ``x`` rounded to nearest-even in bf16 (ROUND=1) / fp16 (2), kept as float32.
+
+        NaN stays NaN: the bit arithmetic alone would carry a NaN's low mantissa bits into the
+        exponent (the GPU's NaN 0x7FFFFFFF would become -0.0, 0x7F800001 +inf)."""
         if ROUND == 1:
             bits = x.to(tl.uint32, bitcast=True)
             bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-            return bits.to(tl.float32, bitcast=True)
+            return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
         elif ROUND == 2:
             return x.to(tl.float16).to(tl.float32)
         else:
@@ -108,6 +112,21 @@ if triton is not None:
             diff = _round_to(cfg_mult * diff, ROUND)
             l = _round_to(un + diff, ROUND)
         return l
+
+    @triton.jit
+    def _argmax_nan_first(key, idx):
+        """Row-wise ``(max, its lowest index, the lowest index holding NaN)`` of ``key``
+        ``[R, C]`` with indices ``idx`` (broadcastable to it). The max skips NaN; torch.argmax
+        counts NaN above every number, so a row's first NaN, when it has one
+        (``< 2147483647``), is its argmax. Explicit rather than left to ``tl.max``, whose NaN
+        handling differs between the GPU and the interpreter."""
+        nan = key != key
+        first_nan = tl.min(tl.where(nan, idx, 2147483647), 1)  # [R]
+        key = tl.where(nan, float("-inf"), key)
+        key_max = tl.max(key, 1)  # [R]
+        # lowest index holding the maximum (tl.argmax's tie rule, made explicit)
+        max_idx = tl.min(tl.where(key == key_max[:, None], idx, 2147483647), 1)  # [R]
+        return key_max, max_idx, first_nan
 
     @triton.jit
     def _finish_rows(
@@ -203,6 +222,7 @@ if triton is not None:
         else:
             best = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)  # [BLOCK_R]
         best_idx = tl.zeros([BLOCK_R], dtype=tl.int32)  # [BLOCK_R] argmax so far
+        first_nan = tl.full([BLOCK_R], 2147483647, dtype=tl.int32)  # [BLOCK_R] first NaN key
         m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)  # [BLOCK_R] softmax max
         s_i = tl.zeros([BLOCK_R], dtype=tl.float32)  # [BLOCK_R] softmax sum
 
@@ -227,10 +247,8 @@ if triton is not None:
                 key = l.to(tl.float64) - temperature * tl.log(-tl.log(u))  # [BLOCK_R, BLOCK_V]
             else:
                 key = l
-            chunk_max = tl.max(key, 1)  # [BLOCK_R]
-            # lowest column holding the chunk's maximum (tl.argmax's tie rule, made explicit)
-            chunk_idx = tl.min(tl.where(key == chunk_max[:, None], cols[None, :], 2147483647),
-                               1)  # [BLOCK_R]
+            chunk_max, chunk_idx, chunk_nan = _argmax_nan_first(key, cols[None, :])
+            first_nan = tl.minimum(first_nan, chunk_nan)
             better = chunk_max > best  # strictly: an earlier chunk keeps its ties
             best = tl.where(better, chunk_max, best)
             best_idx = tl.where(better, chunk_idx, best_idx)
@@ -251,6 +269,8 @@ if triton is not None:
                 s_i = s_i * tl.exp(m_i - m_shift) + tl.sum(tl.exp(l - m_shift[:, None]), 1)
                 m_i = m_new
 
+        has_nan = first_nan != 2147483647  # [BLOCK_R] a NaN key is the argmax, as in torch
+        best_idx = tl.where(has_nan, first_nan, best_idx)
         if SPLITS == 1:
             _finish_rows(Logits, UnLogits, Seed, X0, Conf, Flag, rows, row_ok, best_idx, m_i,
                          s_i, row_off, un_row_off, stride_lv, stride_uv, cfg_mult, eos_id,
@@ -258,7 +278,8 @@ if triton is not None:
                          SOFTMAX_NO_EOT, LOW_CONF, WRITE_FLAG, ROUND_OUT, ROUND)
         else:
             part = rows64 * SPLITS + split  # [BLOCK_R]
-            tl.store(PartKey + part, best.to(tl.float64), mask=row_ok)
+            tl.store(PartKey + part, tl.where(has_nan, float("nan"), best.to(tl.float64)),
+                     mask=row_ok)
             tl.store(PartIdx + part, best_idx, mask=row_ok)
             tl.store(PartMax + part, m_i, mask=row_ok)
             tl.store(PartSum + part, s_i, mask=row_ok)
@@ -286,8 +307,8 @@ if triton is not None:
         part = rows64[:, None] * SPLITS + splits[None, :]  # [BLOCK_R, BLOCK_S]
         key = tl.load(PartKey + part, mask=ok, other=float("-inf"))  # [BLOCK_R, BLOCK_S]
         idx = tl.load(PartIdx + part, mask=ok, other=2147483647)
-        best = tl.max(key, 1)  # [BLOCK_R]
-        best_idx = tl.min(tl.where(key == best[:, None], idx, 2147483647), 1)  # [BLOCK_R]
+        _, best_idx, first_nan = _argmax_nan_first(key, idx)  # [BLOCK_R]
+        best_idx = tl.where(first_nan != 2147483647, first_nan, best_idx)
         m_j = tl.load(PartMax + part, mask=ok, other=float("-inf"))  # [BLOCK_R, BLOCK_S]
         s_j = tl.load(PartSum + part, mask=ok, other=0.0)
         m_i = tl.max(m_j, 1)  # [BLOCK_R]

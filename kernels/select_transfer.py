@@ -7,6 +7,9 @@ sort puts them) is counted directly:
 
     rank_i = #{j : c_j > c_i  or  (c_j == c_i and j < i)}
 
+where NaN counts above every number and equal to NaN, as torch's sort orders it (a stable
+descending sort puts the NaNs first, by position).
+
 over tiles of ``BLOCK_J`` positions (an ``O(N^2)`` comparison in registers: N is a block
 length, typically 8..256; rows longer than ``BLOCK_I`` are processed in tiles of positions too).
 The three rules then read:
@@ -64,8 +67,12 @@ if triton is not None:
             ok_j = offs_j < num_pos
             c_j = tl.load(Conf + row_off + offs_j * stride_cn, mask=ok_j, other=float("-inf"))
             c_j = _upcast(c_j, WIDE)  # [BLOCK_J]
-            before = ((c_j[None, :] > c_i[:, None])
-                      | ((c_j[None, :] == c_i[:, None]) & (offs_j[None, :] < offs_i[:, None])))
+            nan_i = (c_i != c_i)[:, None]  # [BLOCK_I, 1]
+            nan_j = (c_j != c_j)[None, :]  # [1, BLOCK_J]
+            # torch's sort order: NaN above every number, NaNs equal to each other
+            above = (c_j[None, :] > c_i[:, None]) | (nan_j & ~nan_i)
+            equal = (c_j[None, :] == c_i[:, None]) | (nan_j & nan_i)
+            before = above | (equal & (offs_j[None, :] < offs_i[:, None]))
             before = before & ok_j[None, :]  # [BLOCK_I, BLOCK_J]
             rank += tl.sum(before.to(tl.int32), 1)
         return rank
@@ -180,8 +187,9 @@ def select_transfer(confidence: torch.Tensor, num_transfer: Optional[torch.Tenso
     ``j``), ``threshold`` (the most confident position plus every other one ``>= threshold``) or
     ``factor`` (the longest sorted prefix whose ``n``-th confidence is
     ``>= 1 - factor / (n + 1)``). Equal confidences are ordered by position, lowest first;
-    ``-inf`` entries are never selected by the threshold and factor rules, nor by top-k while
-    ``k`` is at most the number of finite entries.
+    NaN ranks above every number (torch's sort order); ``-inf`` and NaN entries are never
+    selected by the threshold and factor rules, ``-inf`` ones not by top-k while ``k`` is at
+    most the number of entries above ``-inf``.
 
     Args:
         confidence: ``(B, N)`` float16, bfloat16, float32 or float64, any strides.
