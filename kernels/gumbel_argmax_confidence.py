@@ -44,12 +44,12 @@ import torch
 from genjo_fast import sampling
 from genjo_fast.contract import combine_cfg
 
-from ._runtime import availability, is_interpreted
+from ._runtime import is_interpreted, kernel_unavailable_reason
 
 try:
     import triton
     import triton.language as tl
-except ImportError:  # genjo_fast imports without triton; is_available() then says why
+except ImportError:  # genjo_fast imports without triton; unavailable_reason() says why
     triton = None
     tl = None
 
@@ -327,9 +327,9 @@ _KERNEL = _gumbel_argmax_confidence_kernel if triton is not None else None
 _INTERPRETED = _KERNEL is not None and is_interpreted(_KERNEL)
 
 
-def is_available(device) -> Optional[str]:
-    """``None`` when :func:`gumbel_argmax_confidence` can run on ``device``, else the reason it cannot."""
-    return availability(device, _KERNEL)
+def unavailable_reason(device) -> Optional[str]:
+    """Why :func:`gumbel_argmax_confidence` cannot run on ``device``; ``None`` when it can."""
+    return kernel_unavailable_reason(device, _KERNEL)
 
 
 def _check_inputs(logits, un_logits, temperature, remasking, logits_eos_inf,
@@ -499,27 +499,50 @@ def gumbel_argmax_confidence(
         out[1].copy_(confidence)
         return out[0], out[1]
 
-    reason = is_available(device)
-    if reason is not None:
-        raise RuntimeError(f"gumbel_argmax_confidence (triton) cannot run on {device}: {reason}")
     if out is None:
         x0 = torch.empty((batch, num_pos), dtype=torch.long, device=device)
         confidence = torch.empty((batch, num_pos), dtype=conf_dtype, device=device)
     else:
         x0, confidence = out
-    n_rows = batch * num_pos
-    if n_rows == 0:
+    if batch * num_pos == 0:
         return x0, confidence
     if vocab == 0:
         raise ValueError("logits must have a non-empty vocabulary (last) dimension")
-
-    write_flag = low_conf and exact_confidence and logits.dtype != torch.float32
-    flag = torch.empty(n_rows if write_flag else 0, dtype=torch.int8, device=device)
+    # One 64-bit seed from the caller's generator, drawn into a device tensor (no host sync).
     seed = (torch.randint(0, 2**62, (1,), dtype=torch.long, device=device, generator=generator)
-            if sample or not low_conf else x0)  # never read without noise or random draws
+            if sample or not low_conf else None)
+    eos_used, eot_used = logits_eos_inf or confidence_eos_eot_inf, confidence_eos_eot_inf
+    torch.ops.genjo_fast_triton.gumbel_argmax_confidence(
+        logits, un_logits, seed, x0, confidence, float(cfg_scale), float(temperature), low_conf,
+        bool(logits_eos_inf), bool(confidence_eos_eot_inf), eos_id if eos_used else -1,
+        eot_id if eot_used else -1, bool(exact_confidence))
+    return x0, confidence
+
+
+@torch.library.custom_op("genjo_fast_triton::gumbel_argmax_confidence",
+                         mutates_args=("x0", "confidence"))
+def _gumbel_argmax_confidence_op(
+        logits: torch.Tensor, un_logits: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+        x0: torch.Tensor, confidence: torch.Tensor, cfg_scale: float, temperature: float,
+        low_confidence: bool, logits_eos_inf: bool, confidence_eos_eot_inf: bool, eos_id: int,
+        eot_id: int, exact_confidence: bool) -> None:
+    """``torch.ops.genjo_fast_triton.gumbel_argmax_confidence``: the kernel launch (and the
+    exact_confidence recheck) of :func:`gumbel_argmax_confidence` on validated arguments,
+    writing ``x0`` (int64 ``(B, N)``) and ``confidence`` (``(B, N)``, the logits' dtype when
+    ``low_confidence and exact_confidence``, else float32). ``seed``: int64 ``(1,)`` when the
+    kernel draws noise (``temperature > 0`` or not ``low_confidence``), else ``None``."""
+    device = logits.device
+    reason = unavailable_reason(device)
+    if reason is not None:
+        raise RuntimeError(f"gumbel_argmax_confidence (triton) cannot run on {device}: {reason}")
+    batch, num_pos, vocab = logits.shape
+    n_rows = batch * num_pos
+    sample = temperature > 0
+    write_flag = low_confidence and exact_confidence and logits.dtype != torch.float32
+    flag = torch.empty(n_rows if write_flag else 0, dtype=torch.int8, device=device)
     un = un_logits if un_logits is not None else logits  # never read without CFG
-    temp_hi = struct.unpack("f", struct.pack("f", float(temperature)))[0]  # float32 part
-    temp_lo = float(temperature) - temp_hi
+    temp_hi = struct.unpack("f", struct.pack("f", temperature))[0]  # float32 part
+    temp_lo = temperature - temp_hi
 
     block_r, block_v, num_warps = _launch_config(n_rows, vocab, sample)
     splits = _num_splits(n_rows, vocab, block_r, block_v, device)
@@ -535,18 +558,19 @@ def gumbel_argmax_confidence(
         part_key = part_idx = part_max = part_sum = x0  # never touched
     flags = dict(
         HAS_CFG=un_logits is not None,
-        ARGMAX_NO_EOS=bool(logits_eos_inf),
-        SOFTMAX_NO_EOS=bool(confidence_eos_eot_inf and not sample and not logits_eos_inf),
-        SOFTMAX_NO_EOT=bool(confidence_eos_eot_inf),
-        LOW_CONF=low_conf, WRITE_FLAG=write_flag, ROUND_OUT=conf_dtype != torch.float32,
-        ROUND=_ROUND[logits.dtype])
-    outputs = (logits, un, seed, x0, confidence, flag if write_flag else x0,
+        ARGMAX_NO_EOS=logits_eos_inf,
+        SOFTMAX_NO_EOS=confidence_eos_eot_inf and not sample and not logits_eos_inf,
+        SOFTMAX_NO_EOT=confidence_eos_eot_inf,
+        LOW_CONF=low_confidence, WRITE_FLAG=write_flag,
+        ROUND_OUT=confidence.dtype != torch.float32, ROUND=_ROUND[logits.dtype])
+    outputs = (logits, un, seed if seed is not None else x0,  # the seed is never read without
+               x0, confidence, flag if write_flag else x0,  # noise or random draws
                part_key, part_idx, part_max, part_sum)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         _gumbel_argmax_confidence_kernel[(triton.cdiv(n_rows, block_r), splits)](
             *outputs, n_rows, num_pos, vocab, split_len, *logits.stride(), *un.stride(),
             float(cfg_scale + 1), temp_hi, temp_lo, eos_id, eot_id, EXACT_WINDOW,
-            SAMPLE=sample, OWN_MAX=sample or bool(confidence_eos_eot_inf), SPLITS=splits,
+            SAMPLE=sample, OWN_MAX=sample or confidence_eos_eot_inf, SPLITS=splits,
             BLOCK_R=block_r, BLOCK_V=block_v, num_warps=num_warps,
             # fp32 CFG: un + c * d must be a multiply then an add, each rounded, as in torch.
             enable_fp_fusion=False, **flags)
@@ -558,7 +582,7 @@ def gumbel_argmax_confidence(
                 SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), BLOCK_R=block_rc,
                 num_warps=4, enable_fp_fusion=False, **flags)
 
-    if low_conf and exact_confidence:
+    if low_confidence and exact_confidence:
         if logits.dtype == torch.float32 or _capturing(device):
             # All rows: float32 has no rounding slack to absorb the sum's order, and a CUDA
             # graph capture cannot count the flagged rows (a host sync).
@@ -566,10 +590,19 @@ def gumbel_argmax_confidence(
         else:
             rows = flag.nonzero().squeeze(1)  # the one host sync of the call
             if rows.numel() == 0:
-                return x0, confidence
+                return
         _recompute_confidence(logits, un_logits, cfg_scale, x0, confidence, rows, temperature,
                               logits_eos_inf, confidence_eos_eot_inf, eos_id, eot_id)
-    return x0, confidence
+
+
+@_gumbel_argmax_confidence_op.register_fake
+def _gumbel_argmax_confidence_fake(logits, un_logits, seed, x0, confidence, cfg_scale,
+                                   temperature, low_confidence, logits_eos_inf,
+                                   confidence_eos_eot_inf, eos_id, eot_id,
+                                   exact_confidence) -> None:
+    """Writes into ``x0`` and ``confidence`` only: their shapes and dtypes are checked."""
+    conf_dtype = logits.dtype if (low_confidence and exact_confidence) else torch.float32
+    _check_out((x0, confidence), tuple(logits.shape[:2]), conf_dtype, logits.device)
 
 
 def _capturing(device: torch.device) -> bool:

@@ -33,12 +33,12 @@ from typing import Optional
 
 import torch
 
-from ._runtime import availability, is_interpreted
+from ._runtime import is_interpreted, kernel_unavailable_reason
 
 try:
     import triton
     import triton.language as tl
-except ImportError:  # genjo_fast imports without triton; is_available() then says why
+except ImportError:  # genjo_fast imports without triton; unavailable_reason() says why
     triton = None
     tl = None
 
@@ -127,9 +127,9 @@ _KERNEL = _select_transfer_kernel if triton is not None else None
 _INTERPRETED = _KERNEL is not None and is_interpreted(_KERNEL)
 
 
-def is_available(device) -> Optional[str]:
-    """``None`` when :func:`select_transfer` can run on ``device``, else the reason it cannot."""
-    return availability(device, _KERNEL)
+def unavailable_reason(device) -> Optional[str]:
+    """Why :func:`select_transfer` cannot run on ``device``; ``None`` when it can."""
+    return kernel_unavailable_reason(device, _KERNEL)
 
 
 def check_select_transfer_args(confidence, num_transfer, threshold, factor) -> None:
@@ -160,6 +160,15 @@ def check_select_transfer_args(confidence, num_transfer, threshold, factor) -> N
         if value is not None and (isinstance(value, bool)
                                   or not isinstance(value, (int, float))):
             raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+
+
+def select_transfer_fake(confidence: torch.Tensor, num_transfer: Optional[torch.Tensor] = None,
+                         threshold: Optional[float] = None,
+                         factor: Optional[float] = None) -> torch.Tensor:
+    """The fake (meta) implementation of the ``select_transfer`` ops (this Triton one and the
+    CUDA extension's): checks the arguments, returns an empty bool ``(B, N)``."""
+    check_select_transfer_args(confidence, num_transfer, threshold, factor)
+    return confidence.new_empty(confidence.shape, dtype=torch.bool)
 
 
 def factor_thresholds(factor: float, num_pos: int, device) -> torch.Tensor:
@@ -197,8 +206,18 @@ def select_transfer(confidence: torch.Tensor, num_transfer: Optional[torch.Tenso
         bool ``(B, N)`` transfer mask. No host sync.
     """
     check_select_transfer_args(confidence, num_transfer, threshold, factor)
+    return torch.ops.genjo_fast_triton.select_transfer(
+        confidence, num_transfer, None if threshold is None else float(threshold),
+        None if factor is None else float(factor))
+
+
+@torch.library.custom_op("genjo_fast_triton::select_transfer", mutates_args=())
+def _select_transfer_op(confidence: torch.Tensor, num_transfer: Optional[torch.Tensor],
+                        threshold: Optional[float], factor: Optional[float]) -> torch.Tensor:
+    """``torch.ops.genjo_fast_triton.select_transfer``: the kernel launch of
+    :func:`select_transfer` on checked arguments (the CUDA extension's op schema)."""
     device = confidence.device
-    reason = is_available(device)
+    reason = unavailable_reason(device)
     if reason is not None:
         raise RuntimeError(f"select_transfer (triton) cannot run on {device}: {reason}")
     batch, num_pos = confidence.shape
@@ -222,3 +241,6 @@ def select_transfer(confidence: torch.Tensor, num_transfer: Optional[torch.Tenso
             BLOCK_I=block_i, BLOCK_J=block_j, num_warps=num_warps,
         )
     return out
+
+
+_select_transfer_op.register_fake(select_transfer_fake)

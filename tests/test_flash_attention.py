@@ -16,7 +16,7 @@ import torch  # noqa: E402
 from genjo_fast import attention as attention_mod  # noqa: E402
 from genjo_fast.attention import attention, attention_naive, attention_sdpa  # noqa: E402
 from genjo_fast.kernels import flash_attention as fa  # noqa: E402
-from genjo_fast.kernels.flash_attention import flash_attention, is_available  # noqa: E402
+from genjo_fast.kernels.flash_attention import flash_attention, unavailable_reason  # noqa: E402
 
 if fa._INTERPRETED:
     DEVICE = torch.device("cpu")
@@ -174,15 +174,15 @@ def test_bad_block_size():
         flash_attention(q, k, v, block_n=24)
 
 
-def test_is_available(monkeypatch):
-    assert is_available(DEVICE) is None
-    assert "not supported" in is_available(torch.device("meta"))
+def test_unavailable_reason(monkeypatch):
+    assert unavailable_reason(DEVICE) is None
+    assert "not supported" in unavailable_reason(torch.device("meta"))
     if DEVICE.type != "cpu":
-        assert "TRITON_INTERPRET" in is_available(torch.device("cpu"))
+        assert "TRITON_INTERPRET" in unavailable_reason(torch.device("cpu"))
         return
-    assert "interpreter" in is_available(torch.device("cuda"))
+    assert "interpreter" in unavailable_reason(torch.device("cuda"))
     monkeypatch.delenv("TRITON_INTERPRET")
-    assert "TRITON_INTERPRET" in is_available(torch.device("cpu"))
+    assert "TRITON_INTERPRET" in unavailable_reason(torch.device("cpu"))
     q, k, v = make_qkv(1, 1, 1, 8, 8, 64, torch.float32)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         flash_attention(q, k, v)
@@ -213,7 +213,7 @@ def test_auto_prefers_triton_on_cuda_only(monkeypatch):
 
 
 def _skip_if_flash_attn_usable():
-    if attention_mod._flash_attn_check(DEVICE) is None:
+    if attention_mod._flash_attn_reason(DEVICE) is None:
         pytest.skip(f"flash_attn is installed and usable on {DEVICE}")
 
 

@@ -102,14 +102,15 @@ from genjo_fast import generate as fast_generate  # noqa: E402
 from genjo_fast.kernels import gumbel_argmax_confidence as gk  # noqa: E402
 from genjo_fast.testing import TinyBidirectionalLM, random_prompts  # noqa: E402
 
-if gk.is_available("cpu") is None:
+if gk.unavailable_reason("cpu") is None:
     KDEVICE = torch.device("cpu")
-elif gk.is_available("cuda") is None:
+elif gk.unavailable_reason("cuda") is None:
     KDEVICE = torch.device("cuda")
 else:
     KDEVICE = None
 needs_kernel = pytest.mark.skipif(
-    KDEVICE is None, reason=f"the Triton kernel cannot run here: {gk.is_available('cpu')}")
+    KDEVICE is None,
+    reason=f"the Triton kernel cannot run here: {gk.unavailable_reason('cpu')}")
 KERNEL_EOS, KERNEL_EOT = 5, 9
 
 

@@ -114,14 +114,15 @@ from genjo_fast import cuda_ext  # noqa: E402
 from genjo_fast.backends import SAMPLING_BACKENDS  # noqa: E402
 from genjo_fast.kernels import select_transfer as sk  # noqa: E402
 
-if sk.is_available("cpu") is None:
+if sk.unavailable_reason("cpu") is None:
     KDEVICE = torch.device("cpu")
-elif sk.is_available("cuda") is None:
+elif sk.unavailable_reason("cuda") is None:
     KDEVICE = torch.device("cuda")
 else:
     KDEVICE = None
 needs_kernel = pytest.mark.skipif(
-    KDEVICE is None, reason=f"the Triton kernel cannot run here: {sk.is_available('cpu')}")
+    KDEVICE is None,
+    reason=f"the Triton kernel cannot run here: {sk.unavailable_reason('cpu')}")
 needs_extension = pytest.mark.skipif(cuda_ext._C is None, reason=str(cuda_ext.IMPORT_ERROR))
 
 RULES = [dict(threshold=t) for t in (0.0, 0.5, 0.9, 1.0, 1.5)] + \
@@ -213,11 +214,11 @@ def test_triton_backend_dispatch(monkeypatch):
     monkeypatch.delenv("GENJO_FAST_BACKEND")
     auto = SAMPLING_BACKENDS.resolve(None, KDEVICE)[0]
     assert auto == ("torch" if KDEVICE.type == "cpu" else
-                    ("cuda" if cuda_ext.is_available(KDEVICE) is None else "triton"))
+                    ("cuda" if cuda_ext.unavailable_reason(KDEVICE) is None else "triton"))
 
 
 def test_cuda_backend_reason():
-    reason = cuda_ext.is_available("cpu")
+    reason = cuda_ext.unavailable_reason("cpu")
     assert reason is not None
     assert ("CUDA tensors only" in reason if cuda_ext._C is not None
             else "the CUDA extension was not built" in reason)
