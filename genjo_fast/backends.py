@@ -1,11 +1,12 @@
 """Backends of the per-step sampling ops (``GENJO_FAST_BACKEND``, ``backend=``).
 
-Each backend is a namespace with ``gumbel_argmax_confidence`` and ``select_transfer`` of the
-signatures in :mod:`genjo_fast.sampling`. In ``"auto"``'s order of preference:
+Each backend is a namespace with ``gumbel_argmax_confidence`` (LLaDA's sampler),
+``dream_sample`` (Dream's) and ``select_transfer``, of the signatures in
+:mod:`genjo_fast.sampling`. In ``"auto"``'s order of preference:
 
-* ``cuda``: ``select_transfer`` from genjo_fast's CUDA extension (``genjo_fast._C``),
-  ``gumbel_argmax_confidence`` from the Triton kernel; CUDA tensors only.
-* ``triton``: both ops as Triton kernels (``genjo_fast.kernels``). CUDA tensors; CPU tensors
+* ``cuda``: ``select_transfer`` from genjo_fast's CUDA extension (``genjo_fast._C``), the
+  samplers from the Triton kernels; CUDA tensors only.
+* ``triton``: every op as a Triton kernel (``genjo_fast.kernels``). CUDA tensors; CPU tensors
   too under ``TRITON_INTERPRET=1``, but only when asked for by name: ``"auto"`` does not pick
   the (slow) interpreter.
 * ``torch``: plain torch ops (:mod:`genjo_fast.sampling`), everywhere; the kernels' oracle.
@@ -20,6 +21,7 @@ import torch
 from . import cuda_ext, sampling
 from .attention import ATTENTION_BACKENDS
 from .dispatch import BackendStatus, Registry
+from .kernels import dream_sample as _triton_dream
 from .kernels import gumbel_argmax_confidence as _triton_sample
 from .kernels import select_transfer as _triton_select
 
@@ -28,7 +30,8 @@ ENV_VAR = "GENJO_FAST_BACKEND"
 
 def _triton_reason(device: torch.device, *inputs) -> Optional[str]:
     return (_triton_sample.unavailable_reason(device)
-            or _triton_select.unavailable_reason(device))
+            or _triton_select.unavailable_reason(device)
+            or _triton_dream.unavailable_reason(device))
 
 
 def _triton_auto_reason(device: torch.device, *inputs) -> Optional[str]:
@@ -39,19 +42,23 @@ def _triton_auto_reason(device: torch.device, *inputs) -> Optional[str]:
 
 
 def _cuda_reason(device: torch.device, *inputs) -> Optional[str]:
-    return cuda_ext.unavailable_reason(device) or _triton_sample.unavailable_reason(device)
+    return (cuda_ext.unavailable_reason(device) or _triton_sample.unavailable_reason(device)
+            or _triton_dream.unavailable_reason(device))
 
 
 SAMPLING_BACKENDS = Registry("backend", ENV_VAR)
 SAMPLING_BACKENDS.register("cuda", SimpleNamespace(
     gumbel_argmax_confidence=_triton_sample.gumbel_argmax_confidence,
+    dream_sample=_triton_dream.dream_sample,
     select_transfer=cuda_ext.select_transfer), _cuda_reason)
 SAMPLING_BACKENDS.register("triton", SimpleNamespace(
     gumbel_argmax_confidence=_triton_sample.gumbel_argmax_confidence,
+    dream_sample=_triton_dream.dream_sample,
     select_transfer=_triton_select.select_transfer), _triton_reason,
     auto_reason=_triton_auto_reason)
 SAMPLING_BACKENDS.register("torch", SimpleNamespace(
     gumbel_argmax_confidence=sampling.gumbel_argmax_confidence,
+    dream_sample=sampling.dream_sample,
     select_transfer=sampling.select_transfer))
 
 

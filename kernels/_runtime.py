@@ -35,3 +35,10 @@ def kernel_unavailable_reason(device, kernel) -> Optional[str]:
                     "triton is imported")
         return None
     return f"device type {device.type!r} is not supported"
+
+
+def require_device(what: str, device, reason: Optional[str]) -> None:
+    """Raises ``RuntimeError`` naming ``what`` (the op) and ``device`` when ``reason`` (from an
+    ``unavailable_reason``) says the op cannot run there."""
+    if reason is not None:
+        raise RuntimeError(f"{what} cannot run on {device}: {reason}")

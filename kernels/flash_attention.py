@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._runtime import is_interpreted, kernel_unavailable_reason
+from ._runtime import is_interpreted, kernel_unavailable_reason, require_device
 
 try:
     import triton
@@ -240,9 +240,7 @@ def _flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         block_n: Optional[int]) -> torch.Tensor:
     """``torch.ops.genjo_fast_triton.flash_attention``: the kernel launch of
     :func:`flash_attention` on checked arguments."""
-    reason = unavailable_reason(q.device)
-    if reason is not None:
-        raise RuntimeError(f"flash_attention cannot run on {q.device}: {reason}")
+    require_device("flash_attention", q.device, unavailable_reason(q.device))
 
     batch, q_heads, seqlen_q, head_dim = q.shape
     kv_heads, seqlen_k = k.shape[1], k.shape[2]

@@ -44,7 +44,7 @@ import torch
 from genjo_fast import sampling
 from genjo_fast.contract import combine_cfg
 
-from ._runtime import is_interpreted, kernel_unavailable_reason
+from ._runtime import is_interpreted, kernel_unavailable_reason, require_device
 
 try:
     import triton
@@ -532,9 +532,7 @@ def _gumbel_argmax_confidence_op(
     ``low_confidence and exact_confidence``, else float32). ``seed``: int64 ``(1,)`` when the
     kernel draws noise (``temperature > 0`` or not ``low_confidence``), else ``None``."""
     device = logits.device
-    reason = unavailable_reason(device)
-    if reason is not None:
-        raise RuntimeError(f"gumbel_argmax_confidence (triton) cannot run on {device}: {reason}")
+    require_device("gumbel_argmax_confidence (triton)", device, unavailable_reason(device))
     batch, num_pos, vocab = logits.shape
     n_rows = batch * num_pos
     sample = temperature > 0
@@ -583,14 +581,9 @@ def _gumbel_argmax_confidence_op(
                 num_warps=4, enable_fp_fusion=False, **flags)
 
     if low_confidence and exact_confidence:
-        if logits.dtype == torch.float32 or _capturing(device):
-            # All rows: float32 has no rounding slack to absorb the sum's order, and a CUDA
-            # graph capture cannot count the flagged rows (a host sync).
-            rows = None
-        else:
-            rows = flag.nonzero().squeeze(1)  # the one host sync of the call
-            if rows.numel() == 0:
-                return
+        rows = rows_to_recheck(flag, logits.dtype, device)
+        if rows is not None and rows.numel() == 0:
+            return
         _recompute_confidence(logits, un_logits, cfg_scale, x0, confidence, rows, temperature,
                               logits_eos_inf, confidence_eos_eot_inf, eos_id, eot_id)
 
@@ -607,6 +600,17 @@ def _gumbel_argmax_confidence_fake(logits, un_logits, seed, x0, confidence, cfg_
 
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def rows_to_recheck(flag: torch.Tensor, dtype: torch.dtype,
+                    device: torch.device) -> Optional[torch.Tensor]:
+    """The rows a sampling kernel's torch recheck recomputes: int64 flat indices of the
+    nonzero ``flag`` entries (one host sync), or ``None`` for every row: float32 logits have no
+    rounding slack to absorb the sum's order, and a CUDA graph capture cannot count the
+    flagged rows."""
+    if dtype == torch.float32 or _capturing(device):
+        return None
+    return flag.nonzero().squeeze(1)  # the one host sync of the call
 
 
 def _recompute_confidence(logits, un_logits, cfg_scale, x0, confidence, rows, temperature,

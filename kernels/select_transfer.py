@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from ._runtime import is_interpreted, kernel_unavailable_reason
+from ._runtime import is_interpreted, kernel_unavailable_reason, require_device
 
 try:
     import triton
@@ -217,9 +217,7 @@ def _select_transfer_op(confidence: torch.Tensor, num_transfer: Optional[torch.T
     """``torch.ops.genjo_fast_triton.select_transfer``: the kernel launch of
     :func:`select_transfer` on checked arguments (the CUDA extension's op schema)."""
     device = confidence.device
-    reason = unavailable_reason(device)
-    if reason is not None:
-        raise RuntimeError(f"select_transfer (triton) cannot run on {device}: {reason}")
+    require_device("select_transfer (triton)", device, unavailable_reason(device))
     batch, num_pos = confidence.shape
     out = torch.empty((batch, num_pos), dtype=torch.bool, device=device)
     if out.numel() == 0:

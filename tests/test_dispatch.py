@@ -11,6 +11,7 @@ from genjo_fast import cuda_ext, sampling
 from genjo_fast.attention import ATTENTION_BACKENDS, AttentionDispatch, attention_naive
 from genjo_fast.backends import SAMPLING_BACKENDS
 from genjo_fast.dispatch import BackendStatus, Registry
+from genjo_fast.kernels import dream_sample as dk
 from genjo_fast.kernels import flash_attention as fa
 from genjo_fast.kernels import gumbel_argmax_confidence as gk
 from genjo_fast.kernels import select_transfer as sk
@@ -152,7 +153,8 @@ def test_model_attention_backend_chosen_once(monkeypatch):
 # --- the Triton ops as torch custom ops -------------------------------------------------------
 
 def test_custom_ops_are_registered():
-    for name in ("gumbel_argmax_confidence", "select_transfer", "flash_attention"):
+    for name in ("gumbel_argmax_confidence", "select_transfer", "flash_attention",
+                 "dream_sample"):
         assert hasattr(torch.ops.genjo_fast_triton, name)
 
 
@@ -183,6 +185,9 @@ def test_fake_impls_on_meta_tensors():
     with pytest.raises(ValueError, match="out\\[1\\]"):  # exact confidence: the logits' dtype
         ops.gumbel_argmax_confidence(logits, None, None, x0, c.float(), 0.0, 0.0, True, False,
                                      False, -1, -1, True)
+    assert ops.dream_sample(logits, None, x0, c, 0.0, "margin") is None
+    with pytest.raises(ValueError, match="confidence must be"):
+        ops.dream_sample(logits, None, x0, c.float(), 0.0, "margin")
 
 
 def test_fake_impls_under_fake_tensor_mode():
@@ -228,9 +233,15 @@ def test_custom_ops_equal_their_torch_statements():
     torch.library.opcheck(op.default, (logits, None, None, x0, c, 0.0, 0.0, True, False, False,
                                        -1, -1, True))
 
+    op = torch.ops.genjo_fast_triton.dream_sample
+    op(logits, None, x0, c, 0.0, "neg_entropy")
+    want = sampling.dream_sample(logits, temperature=0.0, confidence="neg_entropy")
+    assert torch.equal(x0, want[0]) and torch.equal(c, want[1])
+    torch.library.opcheck(op.default, (logits, None, x0, c, 0.0, "neg_entropy"))
+
 
 def test_kernel_modules_answer_unavailable_reason():
-    for module in (gk, sk, fa, cuda_ext):
+    for module in (gk, sk, fa, dk, cuda_ext):
         assert not hasattr(module, "is_available")  # the old, inverted name is gone
         reason = module.unavailable_reason(torch.device("meta"))
         assert isinstance(reason, str) and reason
