@@ -26,7 +26,8 @@ def _import_source_tree_kernels() -> None:
 _import_source_tree_kernels()
 
 from . import reference  # noqa: E402
-from .backends import available_backends  # noqa: E402
+from .backends import accepted_backends, backend_status  # noqa: E402
+from .dispatch import BackendStatus  # noqa: E402
 from .draws import TensorDraws, TorchDraws  # noqa: E402
 from .engine import GenerateStats, StepEvent  # noqa: E402
 from .generate import generate  # noqa: E402
@@ -35,4 +36,4 @@ from .likelihood import get_log_likelihood, get_log_likelihoods, is_greedy_conti
 __version__ = "0.1.0"
 __all__ = ["generate", "reference", "StepEvent", "GenerateStats", "TensorDraws", "TorchDraws",
            "get_log_likelihood", "get_log_likelihoods", "is_greedy_continuation",
-           "available_backends", "__version__"]
+           "accepted_backends", "backend_status", "BackendStatus", "__version__"]

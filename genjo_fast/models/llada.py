@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import attention
+from ..attention import AttentionDispatch
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -268,9 +268,12 @@ class LLaDABlock(nn.Module):
     cache) can replace or extend the keys and values in between.
     """
 
-    def __init__(self, config: LLaDAConfig, layer_id: int):
+    def __init__(self, config: LLaDAConfig, layer_id: int,
+                 attention: Optional[AttentionDispatch] = None):
         super().__init__()
         self.layer_id = layer_id
+        # The model's attention backend, shared by its blocks (resolved once, not per call).
+        self.attention_dispatch = attention if attention is not None else AttentionDispatch()
         self.n_heads, self.n_kv_heads, self.head_dim = (config.n_heads, config.n_kv_heads,
                                                         config.head_dim)
         d, kv, hidden = config.d_model, config.n_kv_heads * config.head_dim, config.mlp_hidden_size
@@ -313,7 +316,7 @@ class LLaDABlock(nn.Module):
         Returns:
             ``(B, Lq, d_model)`` in the model dtype.
         """
-        out = attention(q, k, v, key_mask)
+        out = self.attention_dispatch(q, k, v, key_mask)
         batch, _, length, _ = out.shape
         return self.attn_out(out.transpose(1, 2).reshape(batch, length, -1))
 
@@ -363,9 +366,12 @@ class LLaDAModel(nn.Module):
     def __init__(self, config: LLaDAConfig):
         super().__init__()
         self.config = config
+        # The attention backend of every block: see set_attention_backend.
+        self.attention_dispatch = AttentionDispatch()
         layers = nn.ModuleDict(dict(
             wte=nn.Embedding(config.embedding_size, config.d_model),
-            blocks=nn.ModuleList(LLaDABlock(config, i) for i in range(config.n_layers)),
+            blocks=nn.ModuleList(LLaDABlock(config, i, self.attention_dispatch)
+                                 for i in range(config.n_layers)),
             ln_f=RMSNorm(config.d_model, config.rms_norm_eps),
         ))
         if not config.weight_tying:
@@ -396,6 +402,13 @@ class LLaDAModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.transformer.wte.weight.dtype
+
+    def set_attention_backend(self, backend: Optional[str]) -> None:
+        """Chooses the attention backend of every block: ``None`` (``GENJO_FAST_ATTENTION``,
+        else ``"auto"``; the default), ``"auto"``, ``"triton"``, ``"flash_attn"`` or ``"sdpa"``.
+        The backend is resolved on the first forward for each (device, dtype, head_dim) and
+        kept; the env variable is read then, not at every call."""
+        self.attention_dispatch.set_backend(backend)
 
     # -- pieces -----------------------------------------------------------------------------
 
