@@ -76,8 +76,9 @@ class DreamSampler:
                            < self.times.fraction(step))
         token_uniform = None
         if self.draws is not None:
-            def token_uniform(a, b):
-                return self.draws.token(step, start + a, start + b, batch, device)
+            draws = self.draws
+            token_uniform = lambda a, b: draws.token(step, start + a, start + b, batch,  # noqa: E731
+                                                     device)
         x0, confidence = self.op(logits, token_uniform=token_uniform, check_rows=rows,
                                  **self.options)
         if self.origin:

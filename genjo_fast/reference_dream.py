@@ -81,8 +81,7 @@ Departures, only to make it a usable oracle:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, List, Mapping, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F

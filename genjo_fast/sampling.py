@@ -244,7 +244,7 @@ def dream_probs(logits: torch.Tensor, temperature: float, top_p: Optional[float]
         logits = logits / temperature
     lowest = torch.finfo(logits.dtype).min
     if top_p is not None and top_p < 1:
-        ordered, order = torch.sort(logits, dim=-1, descending=True)
+        ordered, order = torch.sort(logits, dim=-1, descending=True, stable=True)
         drop = torch.cumsum(F.softmax(ordered, dim=-1), dim=-1) > top_p
         drop = torch.cat([torch.zeros_like(drop[..., :1]), drop[..., :-1]], dim=-1)
         logits = logits.masked_fill(torch.zeros_like(drop).scatter_(-1, order, drop), lowest)
@@ -281,6 +281,7 @@ def dream_sample(
     top_k: Optional[int] = None,
     token_uniform: Optional[Callable[[int, int], torch.Tensor]] = None,
     generator: Optional[torch.Generator] = None,
+    check_rows: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Dream's ``sample_tokens``: a token per position and its confidence, in upstream's
     arithmetic (the logits' dtype throughout; see :func:`dream_probs`).
@@ -294,8 +295,10 @@ def dream_sample(
 
     Upstream draws with ``torch.distributions.Categorical`` instead (the same distribution from
     other random numbers), and falls back to the argmax for the whole call when any row's
-    probabilities fail Categorical's simplex check (a sum, in the dtype, not within 1e-6 of 1:
-    frequent in bf16); that fallback is not reproduced here.
+    probabilities fail Categorical's argument check (:func:`categorical_rejects`: a normalised
+    row whose sum, in the dtype, is not within 1e-6 of 1, frequent in bf16). ``check_rows``
+    reproduces that: at ``temperature > 0``, when any of the marked rows is rejected, every
+    row takes the argmax (decided on the device, no host sync).
 
     Args:
         logits: ``(B, N, V)`` float logits of the N positions to sample, any strides.
@@ -308,6 +311,8 @@ def dream_sample(
             ``a:b``; when ``None``, drawn with ``torch.rand(..., dtype=float64,
             generator=generator)``.
         generator: ``torch.Generator`` of those draws, or ``None`` (the global RNG).
+        check_rows: bool ``(B, N)``, the rows of upstream's call (its masked positions), whose
+            Categorical check decides the argmax fallback; ``None``: no fallback.
     Returns:
         ``x0``: int64 ``(B, N)``; ``confidence``: ``(B, N)`` in the logits' dtype. Rows of
         NaN probabilities (NaN or all ``-inf`` logits) have a NaN confidence; their ``x0`` at
@@ -319,6 +324,10 @@ def dream_sample(
     rows_per_chunk = max(1, _MAX_CHUNK_ELEMENTS // max(1, batch * vocab))
     x0 = torch.empty((batch, num_pos), dtype=torch.long, device=logits.device)
     conf = torch.empty((batch, num_pos), dtype=logits.dtype, device=logits.device)
+    fallback = check_rows is not None and temperature > 0
+    if fallback:
+        greedy_x0, greedy_conf = torch.empty_like(x0), torch.empty_like(conf)
+        rejected = torch.zeros((), dtype=torch.bool, device=logits.device)
     for a in range(0, num_pos, rows_per_chunk):
         b = min(a + rows_per_chunk, num_pos)
         probs = dream_probs(logits[:, a:b], temperature, top_p, top_k)  # (B, b - a, V)
@@ -331,7 +340,25 @@ def dream_sample(
             chosen = inverse_cdf(torch.cumsum(probs, -1, dtype=torch.float64), u)
         x0[:, a:b] = chosen
         conf[:, a:b] = dream_confidence(probs, chosen, confidence)
+        if fallback:
+            greedy = dream_greedy(probs)
+            greedy_x0[:, a:b] = greedy
+            greedy_conf[:, a:b] = dream_confidence(probs, greedy, confidence)
+            rejected |= (categorical_rejects(probs) & check_rows[:, a:b]).any()
+    if fallback:  # upstream's bare except: the whole call takes the argmax
+        x0 = torch.where(rejected, greedy_x0, x0)
+        conf = torch.where(rejected, greedy_conf, conf)
     return x0, conf
+
+
+def categorical_rejects(probs: torch.Tensor) -> torch.Tensor:
+    """Per row, whether ``torch.distributions.Categorical(probs=row)`` rejects it (and
+    ``sample()`` would raise): the normalised row ``p / sum(p)`` (in the dtype) must be finite,
+    non-negative and sum to 1 within 1e-6 in the dtype (the ``simplex`` constraint), and
+    ``multinomial`` needs a positive sum. probs ``(..., V)`` -> bool ``(...)``."""
+    normalised = probs / probs.sum(-1, keepdim=True)
+    simplex = (normalised >= 0).all(-1) & ((normalised.sum(-1) - 1).abs() < 1e-6)
+    return ~(simplex & torch.isfinite(normalised).all(-1))
 
 
 def dream_greedy(probs: torch.Tensor) -> torch.Tensor:

@@ -239,6 +239,7 @@ def dream_sample(
     top_k: Optional[int] = None,
     token_uniform: Optional[Callable[[int, int], torch.Tensor]] = None,
     generator: Optional[torch.Generator] = None,
+    check_rows: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Dream's sampling step in one fused kernel: same arguments and results as
     :func:`genjo_fast.sampling.dream_sample`.
@@ -257,6 +258,9 @@ def dream_sample(
             statement's for the same draws).
         generator: ``torch.Generator`` on the logits' device (or ``None``: its default one);
             one 64-bit seed is drawn from it per call into a device tensor (no host sync).
+        check_rows: upstream's Categorical fallback (see the torch op); at ``temperature > 0``
+            it needs the rows' normalised probabilities summed in the dtype, so the call is
+            handed to the torch op (exact, unfused).
     Returns:
         ``x0``: int64 ``(B, N)``; ``confidence``: ``(B, N)`` in the logits' dtype, equal to the
         torch op's (see the module docstring: rows near a rounding boundary are recomputed
@@ -266,11 +270,11 @@ def dream_sample(
     sampling.check_dream_sample_args(logits, temperature, confidence, top_p, top_k)
     sample = temperature > 0
     filtered = (top_p is not None and top_p < 1) or top_k is not None
-    if (filtered or (sample and token_uniform is not None)
+    if (filtered or (sample and (token_uniform is not None or check_rows is not None))
             or logits.dtype not in _DTYPES):
         return sampling.dream_sample(logits, temperature=temperature, confidence=confidence,
                                      top_p=top_p, top_k=top_k, token_uniform=token_uniform,
-                                     generator=generator)
+                                     generator=generator, check_rows=check_rows)
     batch, num_pos, vocab = logits.shape
     device = logits.device
     x0 = torch.empty((batch, num_pos), dtype=torch.long, device=device)

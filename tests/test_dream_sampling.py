@@ -418,3 +418,42 @@ def test_triton_backend_runs_the_kernel(monkeypatch):
     assert ops.dream_sample is dk.dream_sample
     if KDEVICE.type == "cpu":
         assert os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def test_categorical_rejects_is_the_distribution_check():
+    """categorical_rejects says, row by row, what torch.distributions.Categorical says of the
+    whole tensor: bf16 rows that miss the 1e-6 sum check are rejected."""
+    g = torch.Generator().manual_seed(0)
+    rejected_somewhere = False
+    for scale in (1.0, 4.0, 12.0):
+        logits = (torch.randn(64, 3000, generator=g) * scale).to(torch.bfloat16)
+        probs = torch.softmax(logits, -1)
+        per_row = sampling.categorical_rejects(probs)
+        for r in range(probs.shape[0]):
+            try:
+                torch.distributions.Categorical(probs=probs[r:r + 1])
+                fails = False
+            except ValueError:
+                fails = True
+            assert bool(per_row[r]) == fails
+        rejected_somewhere |= bool(per_row.any())
+    assert rejected_somewhere  # the check does reject bf16 rows here
+
+
+def test_check_rows_fallback_to_argmax():
+    """At temperature > 0, one rejected row among check_rows turns the whole call greedy;
+    rejected rows outside check_rows do not."""
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(1, 64, 3000, generator=g) * 12).to(torch.bfloat16)
+    probs = torch.softmax(logits[0], -1)
+    rejects = sampling.categorical_rejects(probs)
+    assert rejects.any() and not rejects.all()
+    u = torch.rand(1, 64, dtype=torch.float64, generator=g)
+    kw = dict(temperature=1.0, confidence="prob", token_uniform=lambda a, b: u[:, a:b])
+    greedy = sampling.dream_sample(logits, temperature=0.0, confidence="prob")
+    sampled = sampling.dream_sample(logits, **kw)
+    assert not torch.equal(sampled[0], greedy[0])
+    fell_back = sampling.dream_sample(logits, check_rows=rejects[None], **kw)
+    assert torch.equal(fell_back[0], greedy[0]) and torch.equal(fell_back[1], greedy[1])
+    kept = sampling.dream_sample(logits, check_rows=~rejects[None], **kw)
+    assert torch.equal(kept[0], sampled[0]) and torch.equal(kept[1], sampled[1])
