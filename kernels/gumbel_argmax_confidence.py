@@ -43,6 +43,7 @@ import torch
 
 from genjo_fast import sampling
 from genjo_fast.contract import combine_cfg
+from genjo_fast.cuda_graph import capturing
 
 from ._runtime import is_interpreted, kernel_unavailable_reason, require_device
 
@@ -598,17 +599,13 @@ def _gumbel_argmax_confidence_fake(logits, un_logits, seed, x0, confidence, cfg_
     _check_out((x0, confidence), tuple(logits.shape[:2]), conf_dtype, logits.device)
 
 
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 def rows_to_recheck(flag: torch.Tensor, dtype: torch.dtype,
                     device: torch.device) -> Optional[torch.Tensor]:
     """The rows a sampling kernel's torch recheck recomputes: int64 flat indices of the
     nonzero ``flag`` entries (one host sync), or ``None`` for every row: float32 logits have no
     rounding slack to absorb the sum's order, and a CUDA graph capture cannot count the
-    flagged rows."""
-    if dtype == torch.float32 or _capturing(device):
+    flagged rows (nor can the warm-up run of one, which must take the same branch)."""
+    if dtype == torch.float32 or capturing(device):
         return None
     return flag.nonzero().squeeze(1)  # the one host sync of the call
 
