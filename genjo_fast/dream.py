@@ -8,11 +8,12 @@ and one of Dream's position rules. Semantics: ``docs/semantics.md``; plain state
 
 What makes it faster than upstream without changing a token at temperature 0:
 
-* the LM head and the sampling run on the answer's rows only (never on the prompt);
+* the LM head runs on the answer's rows only (never on the prompt), the sampling on the masked
+  ones only;
 * the sampling is one fused pass over the vocabulary per row on GPU, never a ``(B, L, V)``
   softmax in the model's dtype over the whole canvas;
 * the per-step count (the batch mean quirk) and the selection are computed on the device for
-  the whole batch at once: no host sync per step;
+  the whole batch at once; the step's one host sync counts the rows to sample;
 * a :class:`~genjo_fast.models.DreamModel` gets a 2-D key mask, never upstream's
   ``(B, 1, L, L)`` boolean mask.
 """
@@ -38,15 +39,18 @@ CONFIDENCE = {"origin": "prob", "maskgit_plus": "prob", "topk_margin": "margin",
 
 
 class DreamSampler:
-    """Dream's sampling stage: upstream's ``sample_tokens`` on the window rows (the backend's
-    ``dream_sample``), with injected token draws when ``draws`` is given.
+    """Dream's sampling stage: upstream's ``sample_tokens`` on the rows of upstream's call (the
+    masked positions; for ``origin`` the revealed ones), through the backend's
+    ``dream_sample``, with injected token draws when ``draws`` is given.
 
-    Upstream samples only the rows of its call (the masked positions; for ``origin`` the
-    revealed ones), and its ``Categorical`` check over exactly those rows decides whether the
-    whole call falls back to the argmax: ``check_rows`` tells the op which rows they are. For
+    The rows are gathered into one ``(1, K, V)`` call, as upstream's ``logits[mask_index]``:
+    decoded positions cost no sampling work, and the op's ``check_rows`` (upstream's
+    ``Categorical`` check over exactly those rows, which decides whether the whole call falls
+    back to the argmax) covers all of them. Counting the rows is one host sync per step. For
     ``origin`` the reveal is decided here too (one float32 uniform per position,
     ``u < 1 - s / t``) and returned as the confidence: 1 where revealed, ``-inf`` elsewhere,
-    which :class:`FiniteRule` then transfers.
+    which :class:`FiniteRule` then transfers. Other positions get ``x0 = mask_id`` and
+    confidence ``-inf``.
 
     Args:
         canvas: the call's ``x`` (read for the masked positions; never written).
@@ -68,30 +72,36 @@ class DreamSampler:
 
     def __call__(self, logits: torch.Tensor, un_logits: Optional[torch.Tensor], step: int,
                  start: int):
-        batch, n, _ = logits.shape
+        batch, n, vocab = logits.shape
         device = logits.device
         rows = self.canvas[:, start:start + n] == self.mask_id  # the call's rows
         if self.origin:
-            rows = rows & (self._uniform("remask", step, start, n, device)
-                           < self.times.fraction(step))
+            rows = rows & (self._uniform(step, start, n, device) < self.times.fraction(step))
+        index = rows.view(-1).nonzero().squeeze(1)  # (K,): the one host sync of the step
         token_uniform = None
         if self.draws is not None:
-            draws = self.draws
-            token_uniform = lambda a, b: draws.token(step, start + a, start + b, batch,  # noqa: E731
-                                                     device)
-        x0, confidence = self.op(logits, token_uniform=token_uniform, check_rows=rows,
-                                 **self.options)
+            u = self.draws.token(step, start, start + n, batch, device).reshape(-1)[index]
+            token_uniform = lambda a, b: u[None, a:b]  # noqa: E731
+        sub_x0, sub_confidence = self.op(logits.reshape(batch * n, vocab)[index][None],
+                                         token_uniform=token_uniform,
+                                         check_rows=torch.ones_like(index, dtype=torch.bool)[None],
+                                         **self.options)
+        x0 = torch.full((batch * n,), self.mask_id, dtype=torch.long, device=device)
+        x0[index] = sub_x0[0]
         if self.origin:
             confidence = torch.where(rows, 1.0, -torch.inf)
-        return x0, confidence
+        else:
+            confidence = torch.full((batch * n,), -torch.inf, dtype=logits.dtype, device=device)
+            confidence[index] = sub_confidence[0]
+            confidence = confidence.view(batch, n)
+        return x0.view(batch, n), confidence
 
-    def _uniform(self, kind: str, step: int, start: int, n: int,
-                 device: torch.device) -> torch.Tensor:
+    def _uniform(self, step: int, start: int, n: int, device: torch.device) -> torch.Tensor:
         """``draws.remask`` (float32) for the window's positions, or fresh from the
         generator."""
         batch = self.canvas.shape[0]
         if self.draws is not None:
-            return getattr(self.draws, kind)(step, start, start + n, batch, device)
+            return self.draws.remask(step, start, start + n, batch, device)
         return torch.rand((batch, n), device=device, generator=self.generator)
 
 
@@ -117,7 +127,7 @@ class MeanCountRule:
     ``alg_temp > 0``, ``k`` positions drawn without replacement from
     ``softmax(confidence / alg_temp)``: the ``k`` largest ``p / -log(u)`` in float64, one
     uniform per position (``draws.position``), PyTorch's own algorithm for ``multinomial``.
-    ``k`` is computed on the device in upstream's float32 arithmetic: no host sync. A row
+    ``k`` is computed on the device in upstream's float32 arithmetic (no host sync). A row
     with fewer masked positions than ``k`` unmasks all of them (see ``docs/semantics.md``)."""
 
     def __init__(self, ops, times: DreamTimes, batch: int, *, alg_temp: Optional[float],
