@@ -24,14 +24,16 @@ from typing import Callable, Optional
 import torch
 
 from .backends import resolve_backend
+from .cache import CachedBlockLogits, check_cache_fits
 from .contract import model_device, model_vocab_size
 from .draws import Draws
 from .dream_settings import DreamGenerateOutput, resolve_settings
 from .engine import StepEvent, Window, denoise, progress_bar
 from .models import DreamModel, dream_from_reference, is_dream
 from .runners import FullForward
-from .validation import (check_generator, check_model_not_meta, check_token_tensor,
-                         check_vocab_size)
+from .transfer import AdaptiveRule
+from .validation import (_check_int, check_approximate_args, check_generator,
+                         check_model_not_meta, check_token_tensor, check_vocab_size)
 
 #: The confidence each position rule ranks by (``dream_sample``'s ``confidence``).
 CONFIDENCE = {"origin": "prob", "maskgit_plus": "prob", "topk_margin": "margin",
@@ -113,8 +115,10 @@ class DreamTimes:
         self.steps = steps
         self.grid = torch.linspace(1, eps, steps + 1, device=device)
 
-    def fraction(self, i: int) -> torch.Tensor:
-        """float32 0-dim ``1 - t[i + 1] / t[i]``, or 1 at the last step."""
+    def fraction(self, step: int) -> torch.Tensor:
+        """float32 0-dim ``1 - t[i + 1] / t[i]`` for step ``i = step % steps`` of a window (each
+        window of ``steps`` steps starts at a multiple of ``steps``), or 1 at its last step."""
+        i = step % self.steps
         if i == self.steps - 1:
             return torch.ones((), device=self.grid.device)
         return 1 - self.grid[i + 1] / self.grid[i]
@@ -131,14 +135,17 @@ class MeanCountRule:
     with fewer masked positions than ``k`` unmasks all of them (see ``docs/semantics.md``)."""
 
     def __init__(self, ops, times: DreamTimes, batch: int, *, alg_temp: Optional[float],
-                 generator: Optional[torch.Generator], draws: Optional[Draws], start: int):
+                 generator: Optional[torch.Generator], draws: Optional[Draws]):
         self.ops = ops
         self.times = times
         self.batch = batch
         self.alg_temp = alg_temp or None
         self.generator = generator
         self.draws = draws
-        self.start = start
+        self.start = 0
+
+    def begin(self, window: Window) -> None:
+        self.start = window.start  # the position draws' indices
 
     def prepare(self, i: int) -> bool:
         return True
@@ -222,7 +229,10 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
                        draws: Optional[Draws] = None, backend: Optional[str] = None,
                        fast_model: bool = True,
                        observer: Optional[Callable[[StepEvent], None]] = None,
-                       progress: bool = False, return_stats: bool = False, **settings):
+                       progress: bool = False, return_stats: bool = False,
+                       block_length: Optional[int] = None, cache: Optional[str] = None,
+                       refresh_every: Optional[int] = None, threshold: Optional[float] = None,
+                       factor: Optional[float] = None, **settings):
     """Masked-diffusion sampling for Dream-7B, a drop-in replacement for upstream's
     ``model.diffusion_generate(inputs, generation_config=None, **kwargs)``.
 
@@ -264,6 +274,19 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
         observer: called with a :class:`~genjo_fast.engine.StepEvent` after every step.
         progress: a tqdm progress bar over the steps.
         return_stats: also return a :class:`~genjo_fast.engine.GenerateStats`.
+        block_length: opt-in, semi-autoregressive (Fast-dLLM's block-wise Dream): decode the
+            answer in blocks of this many positions, left to right, each with
+            ``steps // num_blocks`` of upstream's steps on its own time grid; the answer length
+            must be a multiple of it. ``None`` (default): upstream's whole-canvas sampler.
+            Statement: :func:`genjo_fast.reference_dream.diffusion_generate_blocks`.
+        cache: APPROXIMATE, opt-in (needs ``block_length``): ``"prefix"`` or ``"dual"`` block
+            KV cache with LLaDA's semantics (``docs/semantics.md``); needs a Dream model
+            genjo_fast can run (DreamModel or a transformers Dream model with
+            ``fast_model=True``).
+        refresh_every: with a cache, a full forward also every this many steps of a block.
+        threshold, factor: APPROXIMATE, opt-in parallel decoding (needs ``block_length``; not
+            with ``alg="origin"`` or ``alg_temp``): as LLaDA's ``generate``; ``steps`` is then
+            only validated.
         **settings: upstream's: ``max_length`` (canvas length, prompt included) or
             ``max_new_tokens`` (takes precedence), ``steps`` (512), ``eps`` (1e-3, in (0, 1)),
             ``alg`` (``"origin"``, ``"maskgit_plus"``, ``"topk_margin"``, ``"entropy"``),
@@ -300,8 +323,14 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
             attention_mask = attention_mask.repeat_interleave(cfg.num_return_sequences, dim=0)
         batch = inputs.shape[0]
 
+    blocks = _check_blocks(cfg, prompt_len, block_length, cache, refresh_every, threshold,
+                           factor, generation_tokens_hook_func, generation_logits_hook_func)
     if fast_model and is_dream(model) and not isinstance(model, DreamModel):
         model = dream_from_reference(model)
+    if cache is not None and not isinstance(model, DreamModel):
+        raise ValueError(f"cache={cache!r} needs a Dream model genjo_fast can run "
+                         f"(genjo_fast.models.DreamModel, or a transformers Dream model with "
+                         f"fast_model=True), got {type(model).__name__}")
     device = model_device(model, inputs.device)
     check_generator(generator, device)
     ops = resolve_backend(backend, device)
@@ -309,7 +338,14 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
     x = torch.full((batch, cfg.max_length), mask_id, dtype=torch.long, device=device)
     x[:, :prompt_len] = inputs.to(device)
     mask_arg, model_kwargs = _model_call(model, attention_mask, cfg.max_length, device)
-    runner = FullForward(model, mask_arg, None, 0.0, mask_id, shift=1, model_kwargs=model_kwargs)
+    if cache is None:
+        runner = FullForward(model, mask_arg, None, 0.0, mask_id, shift=1,
+                             model_kwargs=model_kwargs)
+    else:
+        check_cache_fits(model, batch, cfg.max_length)
+        runner = CachedBlockLogits(model, cache, x, None if mask_arg == "full" else mask_arg,
+                                   None, 0.0, mask_id, shift=1,
+                                   positions=model_kwargs["position_ids"])
     history = [] if cfg.output_history and cfg.return_dict_in_generate else None
     hooks = Hooks(runner, generation_logits_hook_func, generation_tokens_hook_func, history,
                   observer)
@@ -318,22 +354,60 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
         if out is not x:
             x.copy_(out)
 
-    times = DreamTimes(cfg.steps, cfg.eps, device)
+    adaptive = threshold is not None or factor is not None
+    steps_per_window = blocks[1] if adaptive else cfg.steps // len(blocks[0])
+    times = DreamTimes(steps_per_window, cfg.eps, device)
     sampler = DreamSampler(ops, x, mask_id, times, alg=cfg.alg, temperature=cfg.temperature,
                            top_p=cfg.top_p, top_k=cfg.top_k, generator=generator, draws=draws)
-    if cfg.alg == "origin":
+    if adaptive:
+        rule = AdaptiveRule(ops, threshold=threshold, factor=factor)
+    elif cfg.alg == "origin":
         rule = FiniteRule()
     else:
         rule = MeanCountRule(ops, times, batch, alg_temp=cfg.alg_temp, generator=generator,
-                             draws=draws, start=prompt_len)
-    window = Window(0, prompt_len, cfg.max_length, cfg.steps, 0)
-    bar = progress_bar(progress, cfg.steps, "genjo_fast.diffusion_generate")
-    stats = denoise(x, [window], hooks.run, sampler, rule, mask_id=mask_id,
+                             draws=draws)
+    windows = [Window(b, start, start + blocks[1], steps_per_window, b * steps_per_window,
+                      adaptive) for b, start in enumerate(blocks[0])]
+    bar = progress_bar(progress, None if adaptive else cfg.steps,
+                       "genjo_fast.diffusion_generate")
+    stats = denoise(x, windows, hooks.run, sampler, rule, mask_id=mask_id,
+                    refresh_every=refresh_every, cached=cache is not None,
                     observer=hooks.after_step, bar=bar)
     if bar is not None:
         bar.close()
     result = DreamGenerateOutput(x, history) if cfg.return_dict_in_generate else x
     return (result, stats) if return_stats else result
+
+
+def _check_blocks(cfg, prompt_len: int, block_length: Optional[int], cache: Optional[str],
+                  refresh_every: Optional[int], threshold: Optional[float],
+                  factor: Optional[float], tokens_hook, logits_hook):
+    """Validates the opt-in block-wise and approximate options; returns the windows' starts
+    and their length (one window over the whole answer without ``block_length``)."""
+    check_approximate_args(cache, refresh_every, threshold, factor)
+    gen_length = cfg.max_length - prompt_len
+    approximate = cache is not None or threshold is not None or factor is not None
+    if block_length is None:
+        if approximate:
+            raise ValueError("cache, threshold and factor need block_length (Fast-dLLM's "
+                             "block-wise Dream)")
+        return [prompt_len], gen_length
+    _check_int("block_length", block_length, 1)
+    if gen_length % block_length != 0:
+        raise ValueError(f"the answer length {gen_length} must be a multiple of block_length "
+                         f"({block_length})")
+    num_blocks = gen_length // block_length
+    if threshold is None and factor is None and cfg.steps % num_blocks != 0:
+        raise ValueError(f"steps ({cfg.steps}) must be a multiple of the number of blocks "
+                         f"{num_blocks}")
+    if (threshold is not None or factor is not None) and (
+            cfg.alg == "origin" or cfg.alg_temp):
+        raise ValueError("threshold and factor rank positions by a confidence: use alg "
+                         "'maskgit_plus', 'topk_margin' or 'entropy', without alg_temp")
+    if tokens_hook is not None or logits_hook is not None:
+        raise ValueError("generation_tokens_hook_func and generation_logits_hook_func see the "
+                         "whole canvas's logits: not with block_length")
+    return list(range(prompt_len, cfg.max_length, block_length)), block_length
 
 
 def _check_inputs(inputs: torch.Tensor, attention_mask, mask_id: int) -> None:
