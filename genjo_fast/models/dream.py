@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import AttentionDispatch
-from .llada import KVHook, RMSNorm, apply_rope, rope_tables
+from .llada import KVHook, RMSNorm, RopeCache, apply_rope
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -379,9 +379,7 @@ class DreamModel(nn.Module):
                                           for i in range(config.num_hidden_layers))
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = DreamLMHead(config, self.model.norm, self.model.embed_tokens)
-        # float32 RoPE tables per device: a plain attribute (not in the state dict, never on
-        # the meta device, never downcast by ``.to(bf16)``).
-        self._rope_cache: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rope = RopeCache(config.head_dim, config.rope_theta, _MIN_ROPE_POSITIONS)
         self.eval()
 
     # -- accessors ------------------------------------------------------------------------
@@ -418,18 +416,7 @@ class DreamModel(nn.Module):
         Returns:
             ``(L, D)`` each, or ``(B, 1, L, D)`` for 2-D positions.
         """
-        needed = length if positions is None else int(positions.max()) + 1
-        cos, sin = self._rope_cache.get(device, (None, None))
-        if cos is None or cos.shape[0] < needed:
-            size = max(_MIN_ROPE_POSITIONS, needed, 0 if cos is None else 2 * cos.shape[0])
-            cos, sin = rope_tables(self.config.head_dim, size, self.config.rope_theta, device)
-            self._rope_cache[device] = (cos, sin)
-        if positions is None:
-            return cos[:length], sin[:length]
-        positions = positions.to(device=device, dtype=torch.long)
-        if positions.dim() == 2:
-            return cos[positions][:, None], sin[positions][:, None]
-        return cos[positions], sin[positions]
+        return self._rope(positions, length, device)
 
     def forward_hidden(self, input_ids: torch.Tensor,
                        attention_mask: Optional[torch.Tensor] = None,
