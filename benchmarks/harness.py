@@ -305,3 +305,9 @@ class PositionDraws:
 
     def remask(self, step, start, stop, batch, device):
         return self._rand(1, step, start, stop, (batch,), torch.float32, device)
+
+    def token(self, step, start, stop, batch, device):
+        return self._rand(2, step, start, stop, (batch,), torch.float64, device)
+
+    def position(self, step, start, stop, batch, device):
+        return self._rand(3, step, start, stop, (batch,), torch.float64, device)

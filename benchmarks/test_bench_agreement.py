@@ -23,7 +23,6 @@ LM-head trimming differs; on a GPU the fast path runs the Triton attention kerne
 Run with ``pytest benchmarks/test_bench_agreement.py --benchmark-only -s``.
 """
 import copy
-import os
 
 import torch
 
@@ -39,21 +38,6 @@ SETTING = quick(dict(steps=32, gen_length=32, block_length=8),
                 dict(steps=16, gen_length=16, block_length=8))
 
 
-def with_attention(backend, fn):
-    """``fn`` run with ``GENJO_FAST_ATTENTION=backend`` (``None``: unset, i.e. auto)."""
-    def call():
-        saved = os.environ.pop("GENJO_FAST_ATTENTION", None)
-        if backend is not None:
-            os.environ["GENJO_FAST_ATTENTION"] = backend
-        try:
-            return fn()
-        finally:
-            os.environ.pop("GENJO_FAST_ATTENTION", None)
-            if saved is not None:
-                os.environ["GENJO_FAST_ATTENTION"] = saved
-    return call
-
-
 def test_bench_agreement(bench, device):
     model32 = random_llada(VOCAB, d_model=128, n_heads=4, n_layers=2, mlp_hidden_size=256,
                            max_len=256, seed=0).to(device)
@@ -66,8 +50,12 @@ def test_bench_agreement(bench, device):
                    temperature=0.0, **SETTING)
 
     def run(generate, model, attention):
-        return with_attention(attention, lambda: generate(model, prompt, attention_mask,
-                                                          **SETTING))
+        """``generate`` with the model's attention backend set to ``attention`` (``None``:
+        auto)."""
+        def call():
+            model.set_attention_backend(attention)
+            return generate(model, prompt, attention_mask, **SETTING)
+        return call
 
     sides = bench.measure({
         "reference bf16": run(reference.generate, model16, "sdpa"),

@@ -73,8 +73,8 @@ def test_bench_flash_attention_cuda(bench, batch, length, masked):
 def test_bench_tiny(bench):
     """B1 H2 L64 D64 fp32, padded: through the interpreter on CPU (no GPU), else on the GPU."""
     device = torch.device("cpu" if fa._INTERPRETED else "cuda")
-    if fa.is_available(device) is not None:
-        pytest.skip(f"the kernel cannot run on {device}: {fa.is_available(device)}")
+    if fa.unavailable_reason(device) is not None:
+        pytest.skip(f"the kernel cannot run on {device}: {fa.unavailable_reason(device)}")
     q, k, v, key_mask = make_inputs(1, 2, 64, 64, torch.float32, device, True)
     bench.describe(dict(batch=1, length=64, mask="padded",
                         kernel="interpreter" if fa._INTERPRETED else "compiled"),

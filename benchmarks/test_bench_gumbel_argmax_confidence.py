@@ -122,7 +122,7 @@ def test_bench_tiny(bench):
     """4 rows x 1000 bf16 logits at temperature 0: through the interpreter on CPU (no GPU),
     else on the GPU."""
     device = torch.device("cpu" if gk._INTERPRETED else "cuda")
-    reason = gk.is_available(device)
+    reason = gk.unavailable_reason(device)
     if reason is not None:
         pytest.skip(f"the kernel cannot run on {device}: {reason}")
     g = torch.Generator().manual_seed(0)

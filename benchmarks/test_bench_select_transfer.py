@@ -59,7 +59,7 @@ def test_bench_select_transfer_cuda(bench, block):
     confidence, k = make_inputs(BATCH, block, torch.device("cuda"))
     impls = {"reference": reference_loop, "torch": sampling.select_transfer,
              "triton": sk.select_transfer}
-    missing = cuda_ext.is_available("cuda")  # None when the extension is built
+    missing = cuda_ext.unavailable_reason("cuda")  # None when the extension is built
     if missing is None:
         impls["cuda"] = cuda_ext.select_transfer
     bench.describe(dict(batch=BATCH, block=block), batch=BATCH, block=block,
@@ -76,7 +76,7 @@ def test_bench_tiny(bench):
     """Batch 4, block 32: the Triton kernel through the interpreter on CPU (no GPU), else on
     the GPU."""
     device = torch.device("cpu" if sk._INTERPRETED else "cuda")
-    reason = sk.is_available(device)
+    reason = sk.unavailable_reason(device)
     if reason is not None:
         pytest.skip(f"the kernel cannot run on {device}: {reason}")
     confidence, k = make_inputs(4, 32, device)

@@ -8,11 +8,12 @@ and one of Dream's position rules. Semantics: ``docs/semantics.md``; plain state
 
 What makes it faster than upstream without changing a token at temperature 0:
 
-* the LM head and the sampling run on the answer's rows only (never on the prompt);
+* the LM head runs on the answer's rows only (never on the prompt), the sampling on the masked
+  ones only;
 * the sampling is one fused pass over the vocabulary per row on GPU, never a ``(B, L, V)``
   softmax in the model's dtype over the whole canvas;
 * the per-step count (the batch mean quirk) and the selection are computed on the device for
-  the whole batch at once: no host sync per step;
+  the whole batch at once; the step's one host sync counts the rows to sample;
 * a :class:`~genjo_fast.models.DreamModel` gets a 2-D key mask, never upstream's
   ``(B, 1, L, L)`` boolean mask.
 """
@@ -23,6 +24,7 @@ from typing import Callable, Optional
 import torch
 
 from .backends import resolve_backend
+from .cache import CachedBlockLogits, check_cache_fits
 from .contract import model_device, model_vocab_size
 from .draws import Draws
 from .dream_settings import DreamGenerateOutput, resolve_settings
@@ -30,8 +32,9 @@ from .engine import StepEvent, Window, denoise, progress_bar
 from .models import DreamModel, dream_from_reference, is_dream
 from .runners import FullForward
 from .streaming import StreamAdapter
-from .validation import (check_generator, check_model_not_meta, check_token_tensor,
-                         check_vocab_size)
+from .transfer import AdaptiveRule
+from .validation import (_check_int, check_approximate_args, check_generator,
+                         check_model_not_meta, check_token_tensor, check_vocab_size)
 
 #: The confidence each position rule ranks by (``dream_sample``'s ``confidence``).
 CONFIDENCE = {"origin": "prob", "maskgit_plus": "prob", "topk_margin": "margin",
@@ -39,15 +42,18 @@ CONFIDENCE = {"origin": "prob", "maskgit_plus": "prob", "topk_margin": "margin",
 
 
 class DreamSampler:
-    """Dream's sampling stage: upstream's ``sample_tokens`` on the window rows (the backend's
-    ``dream_sample``), with injected token draws when ``draws`` is given.
+    """Dream's sampling stage: upstream's ``sample_tokens`` on the rows of upstream's call (the
+    masked positions; for ``origin`` the revealed ones), through the backend's
+    ``dream_sample``, with injected token draws when ``draws`` is given.
 
-    Upstream samples only the rows of its call (the masked positions; for ``origin`` the
-    revealed ones), and its ``Categorical`` check over exactly those rows decides whether the
-    whole call falls back to the argmax: ``check_rows`` tells the op which rows they are. For
+    The rows are gathered into one ``(1, K, V)`` call, as upstream's ``logits[mask_index]``:
+    decoded positions cost no sampling work, and the op's ``check_rows`` (upstream's
+    ``Categorical`` check over exactly those rows, which decides whether the whole call falls
+    back to the argmax) covers all of them. Counting the rows is one host sync per step. For
     ``origin`` the reveal is decided here too (one float32 uniform per position,
     ``u < 1 - s / t``) and returned as the confidence: 1 where revealed, ``-inf`` elsewhere,
-    which :class:`FiniteRule` then transfers.
+    which :class:`FiniteRule` then transfers. Other positions get ``x0 = mask_id`` and
+    confidence ``-inf``.
 
     Args:
         canvas: the call's ``x`` (read for the masked positions; never written).
@@ -69,29 +75,36 @@ class DreamSampler:
 
     def __call__(self, logits: torch.Tensor, un_logits: Optional[torch.Tensor], step: int,
                  start: int):
-        batch, n, _ = logits.shape
+        batch, n, vocab = logits.shape
         device = logits.device
         rows = self.canvas[:, start:start + n] == self.mask_id  # the call's rows
         if self.origin:
-            rows = rows & (self._uniform("remask", step, start, n, device)
-                           < self.times.fraction(step))
+            rows = rows & (self._uniform(step, start, n, device) < self.times.fraction(step))
+        index = rows.view(-1).nonzero().squeeze(1)  # (K,): the one host sync of the step
         token_uniform = None
         if self.draws is not None:
-            def token_uniform(a, b):
-                return self.draws.token(step, start + a, start + b, batch, device)
-        x0, confidence = self.op(logits, token_uniform=token_uniform, check_rows=rows,
-                                 **self.options)
+            u = self.draws.token(step, start, start + n, batch, device).reshape(-1)[index]
+            token_uniform = lambda a, b: u[None, a:b]  # noqa: E731
+        sub_x0, sub_confidence = self.op(logits.reshape(batch * n, vocab)[index][None],
+                                         token_uniform=token_uniform,
+                                         check_rows=torch.ones_like(index, dtype=torch.bool)[None],
+                                         **self.options)
+        x0 = torch.full((batch * n,), self.mask_id, dtype=torch.long, device=device)
+        x0[index] = sub_x0[0]
         if self.origin:
             confidence = torch.where(rows, 1.0, -torch.inf)
-        return x0, confidence
+        else:
+            confidence = torch.full((batch * n,), -torch.inf, dtype=logits.dtype, device=device)
+            confidence[index] = sub_confidence[0]
+            confidence = confidence.view(batch, n)
+        return x0.view(batch, n), confidence
 
-    def _uniform(self, kind: str, step: int, start: int, n: int,
-                 device: torch.device) -> torch.Tensor:
+    def _uniform(self, step: int, start: int, n: int, device: torch.device) -> torch.Tensor:
         """``draws.remask`` (float32) for the window's positions, or fresh from the
         generator."""
         batch = self.canvas.shape[0]
         if self.draws is not None:
-            return getattr(self.draws, kind)(step, start, start + n, batch, device)
+            return self.draws.remask(step, start, start + n, batch, device)
         return torch.rand((batch, n), device=device, generator=self.generator)
 
 
@@ -103,8 +116,10 @@ class DreamTimes:
         self.steps = steps
         self.grid = torch.linspace(1, eps, steps + 1, device=device)
 
-    def fraction(self, i: int) -> torch.Tensor:
-        """float32 0-dim ``1 - t[i + 1] / t[i]``, or 1 at the last step."""
+    def fraction(self, step: int) -> torch.Tensor:
+        """float32 0-dim ``1 - t[i + 1] / t[i]`` for step ``i = step % steps`` of a window (each
+        window of ``steps`` steps starts at a multiple of ``steps``), or 1 at its last step."""
+        i = step % self.steps
         if i == self.steps - 1:
             return torch.ones((), device=self.grid.device)
         return 1 - self.grid[i + 1] / self.grid[i]
@@ -117,18 +132,21 @@ class MeanCountRule:
     ``alg_temp > 0``, ``k`` positions drawn without replacement from
     ``softmax(confidence / alg_temp)``: the ``k`` largest ``p / -log(u)`` in float64, one
     uniform per position (``draws.position``), PyTorch's own algorithm for ``multinomial``.
-    ``k`` is computed on the device in upstream's float32 arithmetic: no host sync. A row
+    ``k`` is computed on the device in upstream's float32 arithmetic (no host sync). A row
     with fewer masked positions than ``k`` unmasks all of them (see ``docs/semantics.md``)."""
 
     def __init__(self, ops, times: DreamTimes, batch: int, *, alg_temp: Optional[float],
-                 generator: Optional[torch.Generator], draws: Optional[Draws], start: int):
+                 generator: Optional[torch.Generator], draws: Optional[Draws]):
         self.ops = ops
         self.times = times
         self.batch = batch
         self.alg_temp = alg_temp or None
         self.generator = generator
         self.draws = draws
-        self.start = start
+        self.start = 0
+
+    def begin(self, window: Window) -> None:
+        self.start = window.start  # the position draws' indices
 
     def prepare(self, i: int) -> bool:
         return True
@@ -213,7 +231,9 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
                        fast_model: bool = True,
                        observer: Optional[Callable[[StepEvent], None]] = None,
                        streamer=None, progress: bool = False, return_stats: bool = False,
-                       **settings):
+                       block_length: Optional[int] = None, cache: Optional[str] = None,
+                       refresh_every: Optional[int] = None, threshold: Optional[float] = None,
+                       factor: Optional[float] = None, **settings):
     """Masked-diffusion sampling for Dream-7B, a drop-in replacement for upstream's
     ``model.diffusion_generate(inputs, generation_config=None, **kwargs)``.
 
@@ -262,6 +282,19 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
             answer per step; none without a streamer.
         progress: a tqdm progress bar over the steps.
         return_stats: also return a :class:`~genjo_fast.engine.GenerateStats`.
+        block_length: opt-in, semi-autoregressive (Fast-dLLM's block-wise Dream): decode the
+            answer in blocks of this many positions, left to right, each with
+            ``steps // num_blocks`` of upstream's steps on its own time grid; the answer length
+            must be a multiple of it. ``None`` (default): upstream's whole-canvas sampler.
+            Statement: :func:`genjo_fast.reference_dream.diffusion_generate_blocks`.
+        cache: APPROXIMATE, opt-in (needs ``block_length``): ``"prefix"`` or ``"dual"`` block
+            KV cache with LLaDA's semantics (``docs/semantics.md``); needs a Dream model
+            genjo_fast can run (DreamModel or a transformers Dream model with
+            ``fast_model=True``).
+        refresh_every: with a cache, a full forward also every this many steps of a block.
+        threshold, factor: APPROXIMATE, opt-in parallel decoding (needs ``block_length``; not
+            with ``alg="origin"`` or ``alg_temp``): as LLaDA's ``generate``; ``steps`` is then
+            only validated.
         **settings: upstream's: ``max_length`` (canvas length, prompt included) or
             ``max_new_tokens`` (takes precedence), ``steps`` (512), ``eps`` (1e-3, in (0, 1)),
             ``alg`` (``"origin"``, ``"maskgit_plus"``, ``"topk_margin"``, ``"entropy"``),
@@ -301,8 +334,14 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
             attention_mask = attention_mask.repeat_interleave(cfg.num_return_sequences, dim=0)
         batch = inputs.shape[0]
 
+    blocks = _check_blocks(cfg, prompt_len, block_length, cache, refresh_every, threshold,
+                           factor, generation_tokens_hook_func, generation_logits_hook_func)
     if fast_model and is_dream(model) and not isinstance(model, DreamModel):
         model = dream_from_reference(model)
+    if cache is not None and not isinstance(model, DreamModel):
+        raise ValueError(f"cache={cache!r} needs a Dream model genjo_fast can run "
+                         f"(genjo_fast.models.DreamModel, or a transformers Dream model with "
+                         f"fast_model=True), got {type(model).__name__}")
     device = model_device(model, inputs.device)
     check_generator(generator, device)
     ops = resolve_backend(backend, device)
@@ -310,7 +349,14 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
     x = torch.full((batch, cfg.max_length), mask_id, dtype=torch.long, device=device)
     x[:, :prompt_len] = inputs.to(device)
     mask_arg, model_kwargs = _model_call(model, attention_mask, cfg.max_length, device)
-    runner = FullForward(model, mask_arg, None, 0.0, mask_id, shift=1, model_kwargs=model_kwargs)
+    if cache is None:
+        runner = FullForward(model, mask_arg, None, 0.0, mask_id, shift=1,
+                             model_kwargs=model_kwargs)
+    else:
+        check_cache_fits(model, batch, cfg.max_length)
+        runner = CachedBlockLogits(model, cache, x, None if mask_arg == "full" else mask_arg,
+                                   None, 0.0, mask_id, shift=1,
+                                   positions=model_kwargs["position_ids"])
     history = [] if cfg.output_history and cfg.return_dict_in_generate else None
     if stream is not None:
         stream.begin(inputs)
@@ -322,17 +368,24 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
         if out is not x:
             x.copy_(out)
 
-    times = DreamTimes(cfg.steps, cfg.eps, device)
+    adaptive = threshold is not None or factor is not None
+    steps_per_window = blocks[1] if adaptive else cfg.steps // len(blocks[0])
+    times = DreamTimes(steps_per_window, cfg.eps, device)
     sampler = DreamSampler(ops, x, mask_id, times, alg=cfg.alg, temperature=cfg.temperature,
                            top_p=cfg.top_p, top_k=cfg.top_k, generator=generator, draws=draws)
-    if cfg.alg == "origin":
+    if adaptive:
+        rule = AdaptiveRule(ops, threshold=threshold, factor=factor)
+    elif cfg.alg == "origin":
         rule = FiniteRule()
     else:
         rule = MeanCountRule(ops, times, batch, alg_temp=cfg.alg_temp, generator=generator,
-                             draws=draws, start=prompt_len)
-    window = Window(0, prompt_len, cfg.max_length, cfg.steps, 0)
-    bar = progress_bar(progress, cfg.steps, "genjo_fast.diffusion_generate")
-    stats = denoise(x, [window], hooks.run, sampler, rule, mask_id=mask_id,
+                             draws=draws)
+    windows = [Window(b, start, start + blocks[1], steps_per_window, b * steps_per_window,
+                      adaptive) for b, start in enumerate(blocks[0])]
+    bar = progress_bar(progress, None if adaptive else cfg.steps,
+                       "genjo_fast.diffusion_generate")
+    stats = denoise(x, windows, hooks.run, sampler, rule, mask_id=mask_id,
+                    refresh_every=refresh_every, cached=cache is not None,
                     observer=hooks.after_step, bar=bar)
     if bar is not None:
         bar.close()
@@ -340,6 +393,37 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
         stream.finish(x[:, prompt_len:])
     result = DreamGenerateOutput(x, history) if cfg.return_dict_in_generate else x
     return (result, stats) if return_stats else result
+
+
+def _check_blocks(cfg, prompt_len: int, block_length: Optional[int], cache: Optional[str],
+                  refresh_every: Optional[int], threshold: Optional[float],
+                  factor: Optional[float], tokens_hook, logits_hook):
+    """Validates the opt-in block-wise and approximate options; returns the windows' starts
+    and their length (one window over the whole answer without ``block_length``)."""
+    check_approximate_args(cache, refresh_every, threshold, factor)
+    gen_length = cfg.max_length - prompt_len
+    approximate = cache is not None or threshold is not None or factor is not None
+    if block_length is None:
+        if approximate:
+            raise ValueError("cache, threshold and factor need block_length (Fast-dLLM's "
+                             "block-wise Dream)")
+        return [prompt_len], gen_length
+    _check_int("block_length", block_length, 1)
+    if gen_length % block_length != 0:
+        raise ValueError(f"the answer length {gen_length} must be a multiple of block_length "
+                         f"({block_length})")
+    num_blocks = gen_length // block_length
+    if threshold is None and factor is None and cfg.steps % num_blocks != 0:
+        raise ValueError(f"steps ({cfg.steps}) must be a multiple of the number of blocks "
+                         f"{num_blocks}")
+    if (threshold is not None or factor is not None) and (
+            cfg.alg == "origin" or cfg.alg_temp):
+        raise ValueError("threshold and factor rank positions by a confidence: use alg "
+                         "'maskgit_plus', 'topk_margin' or 'entropy', without alg_temp")
+    if tokens_hook is not None or logits_hook is not None:
+        raise ValueError("generation_tokens_hook_func and generation_logits_hook_func see the "
+                         "whole canvas's logits: not with block_length")
+    return list(range(prompt_len, cfg.max_length, block_length)), block_length
 
 
 def _check_inputs(inputs: torch.Tensor, attention_mask, mask_id: int) -> None:

@@ -90,7 +90,8 @@ def resolve_settings(model, input_length: int, generation_config=None,
     """
     unknown = sorted(set(passed) - set(GENERATION_DEFAULTS))
     if unknown:
-        raise TypeError(f"diffusion_generate got unknown setting(s): {', '.join(unknown)}")
+        raise TypeError(f"diffusion_generate got unknown setting(s): {', '.join(unknown)}; "
+                        f"the settings are {', '.join(sorted(GENERATION_DEFAULTS))}")
     model_config = getattr(model, "config", None)
     values = dict(GENERATION_DEFAULTS)
     if generation_config is None:

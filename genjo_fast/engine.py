@@ -8,6 +8,14 @@ canvas ``x``: LLaDA's blocks, Dream's whole answer), and every step is the same 
     transfer = rule(confidence, masked, step)      # which masked positions to unmask
     x[start:stop] = where(transfer, x0, x)         # update, then the observer
 
+A rule may also *plan* a step: ``rows = rule.plan(x[start:stop], masked, step)`` before the
+forward declares the positions the step may write (by default the masked ones). The runner
+is then called with them (``runner(x, start, stop, full, rows)``, so it may compute those
+rows only), the rule chooses among them, and the update writes ``transfer & rows``. This is
+how a rule rewrites already-decoded positions (the masked-LM family's edits,
+:mod:`genjo_fast.mdlm`) or, knowing before the forward which positions it will unmask, lets
+the model skip the others.
+
 A family configures the parts; :func:`denoise` runs them top to bottom. Nothing here knows a
 family: LLaDA's ``generate`` (:mod:`genjo_fast.generate`) and Dream's ``diffusion_generate``
 (:mod:`genjo_fast.dream`) are thin front-ends that validate, build the parts and call
@@ -16,16 +24,23 @@ family: LLaDA's ``generate`` (:mod:`genjo_fast.generate`) and Dream's ``diffusio
 The parts' contracts:
 
 * runner ``(x, start, stop, full) -> (logits, un_logits)``, each ``(B, stop - start, V)``;
+  with a planning rule, ``(x, start, stop, full, rows)`` and whatever logits the family's
+  sampler takes (e.g. the planned rows only);
 * sampler ``(logits, un_logits, step, start) -> (x0, confidence)``: int64 ``(B, n)`` and
   float ``(B, n)``;
 * rule: a :class:`TransferRule`. ``prepare(i)`` runs on the host before step ``i`` of a window
   (outside any CUDA graph) and says whether the step can transfer anything; ``__call__``
   returns the bool ``(B, n)`` transfer mask from the confidences (``-inf`` where not masked).
+  Optionally ``plan(x_window, masked, step)`` -> bool ``(B, n)``, the positions the step may
+  write (see above); ``plan`` and ``__call__`` of one step are paired (a rule may keep what its
+  plan drew for its call). Rules without ``plan`` write masked positions only. Optionally
+  ``begin(window)``, called on the host when a window starts (a rule whose draws or time
+  grid depend on the window's positions).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Protocol, Tuple
+from typing import Callable, Iterable, Iterator, Optional, Protocol, Tuple
 
 import torch
 
@@ -89,30 +104,80 @@ class TransferRule(Protocol):
 
     def __call__(self, confidence: torch.Tensor, masked: torch.Tensor,
                  step: int) -> torch.Tensor:
+        """The bool ``(B, n)`` positions to write, from the confidences (``-inf`` off the
+        writable positions) and the writable positions (``masked``, or the rule's plan)."""
         ...
 
 
 Sampler = Callable[[torch.Tensor, Optional[torch.Tensor], int, int],
                    Tuple[torch.Tensor, torch.Tensor]]
-Runner = Callable[[torch.Tensor, int, int, bool], Tuple[torch.Tensor, Optional[torch.Tensor]]]
+Runner = Callable[..., Tuple[torch.Tensor, Optional[torch.Tensor]]]
 
 
 def denoise_step(x: torch.Tensor, start: int, stop: int, step: int, full: bool, runner: Runner,
                  sampler: Sampler, rule: TransferRule,
                  mask_id: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One step: forward -> sample -> select -> update ``x[:, start:stop]`` in place.
+    """One step: [plan ->] forward -> sample -> select -> update ``x[:, start:stop]`` in place.
 
     Static shapes and (with the torch backend) no host sync: this is what a CUDA graph
-    captures. Returns ``(x0, confidence, transfer)`` of the window, each ``(B, stop - start)``.
+    captures (rules with a ``plan`` are not captured). Returns ``(x0, confidence, transfer)``
+    of the window, each ``(B, stop - start)``.
     """
-    logits, un_logits = runner(x, start, stop, full)
-    x0, confidence = sampler(logits, un_logits, step, start)
     x_window = x[:, start:stop]
     masked = x_window == mask_id
-    confidence = confidence.masked_fill(~masked, -torch.inf)
-    transfer = rule(confidence, masked, step)
-    x[:, start:stop] = torch.where(transfer & masked, x0, x_window)
+    plan = getattr(rule, "plan", None)
+    if plan is None:
+        rows = masked
+        logits, un_logits = runner(x, start, stop, full)
+    else:
+        rows = plan(x_window, masked, step)
+        logits, un_logits = runner(x, start, stop, full, rows)
+    x0, confidence = sampler(logits, un_logits, step, start)
+    confidence = confidence.masked_fill(~rows, -torch.inf)
+    transfer = rule(confidence, rows, step)
+    x[:, start:stop] = torch.where(transfer & rows, x0, x_window)
     return x0, confidence, transfer
+
+
+def denoise_steps(x: torch.Tensor, windows: Iterable[Window], runner: Runner, sampler: Sampler,
+                  rule: TransferRule, *, mask_id: int, refresh_every: Optional[int] = None,
+                  cached: bool = False, graph_step: Optional[Callable[..., Callable]] = None,
+                  bar=None, stats: Optional[GenerateStats] = None) -> Iterator[StepEvent]:
+    """Runs the windows' steps on ``x`` (int64 ``(B, L)``, updated in place), yielding a
+    :class:`StepEvent` after every step that ran the model (streaming front-ends iterate it;
+    :func:`denoise` runs it to the end).
+
+    Args: those of :func:`denoise`, and ``stats``, a :class:`GenerateStats` counted into.
+    """
+    stats = stats if stats is not None else GenerateStats()
+    begin = getattr(rule, "begin", None)
+    for window in windows:
+        start, stop = window.start, window.stop
+        if begin is not None:
+            begin(window)
+        replay = None
+        if graph_step is not None:
+            replay = graph_step(lambda: denoise_step(x, start, stop, -1, False, runner, sampler,
+                                                     rule, mask_id))
+        for i in range(window.steps):
+            # Adaptive rules end a window when no row has a mask left in it: one host sync per
+            # step, in those approximate modes only.
+            if window.until_decoded and i > 0 and not bool((x[:, start:stop] == mask_id).any()):
+                break
+            step = window.first_step + i
+            if bar is not None:
+                bar.update(1)
+            if not rule.prepare(i):
+                continue  # transfers nothing, so cannot change x
+            full = not cached or i == 0 or (refresh_every is not None and i % refresh_every == 0)
+            if replay is not None and not full:
+                x0, confidence, transfer = replay()
+            else:
+                x0, confidence, transfer = denoise_step(x, start, stop, step, full, runner,
+                                                        sampler, rule, mask_id)
+            stats.nfe += 1
+            stats.full_forwards += full
+            yield StepEvent(window.block, step, start, stop, x, x0, confidence, transfer)
 
 
 def denoise(x: torch.Tensor, windows: Iterable[Window], runner: Runner, sampler: Sampler,
@@ -136,32 +201,11 @@ def denoise(x: torch.Tensor, windows: Iterable[Window], runner: Runner, sampler:
         :class:`GenerateStats` of the call.
     """
     stats = GenerateStats()
-    for window in windows:
-        start, stop = window.start, window.stop
-        replay = None
-        if graph_step is not None:
-            replay = graph_step(lambda: denoise_step(x, start, stop, -1, False, runner, sampler,
-                                                     rule, mask_id))
-        for i in range(window.steps):
-            # Adaptive rules end a window when no row has a mask left in it: one host sync per
-            # step, in those approximate modes only.
-            if window.until_decoded and i > 0 and not bool((x[:, start:stop] == mask_id).any()):
-                break
-            step = window.first_step + i
-            if bar is not None:
-                bar.update(1)
-            if not rule.prepare(i):
-                continue  # transfers nothing, so cannot change x
-            full = not cached or i == 0 or (refresh_every is not None and i % refresh_every == 0)
-            if replay is not None and not full:
-                x0, confidence, transfer = replay()
-            else:
-                x0, confidence, transfer = denoise_step(x, start, stop, step, full, runner,
-                                                        sampler, rule, mask_id)
-            stats.nfe += 1
-            stats.full_forwards += full
-            if observer is not None:
-                observer(StepEvent(window.block, step, start, stop, x, x0, confidence, transfer))
+    for event in denoise_steps(x, windows, runner, sampler, rule, mask_id=mask_id,
+                               refresh_every=refresh_every, cached=cached,
+                               graph_step=graph_step, bar=bar, stats=stats):
+        if observer is not None:
+            observer(event)
     return stats
 
 

@@ -81,13 +81,13 @@ Departures, only to make it a usable oracle:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, List, Mapping, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from .contract import logits_of
+from .reference import PlainKVCache, factor_transfer_row, threshold_transfer_row
 from .draws import Draws, TorchDraws
 from .dream_settings import UNSET, DreamGenerateOutput, resolve_settings
 
@@ -366,6 +366,120 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
     return x
 
 
-__all__ = ["diffusion_generate", "sample_tokens", "top_p_logits", "top_k_logits",
+__all__ = ["diffusion_generate", "diffusion_generate_blocks", "sample_tokens", "top_p_logits", "top_k_logits",
            "categorical_fails", "inverse_cdf", "top_positions", "sample_positions",
            "prepare_canvas", "transfer_count"]
+
+
+@torch.no_grad()
+def diffusion_generate_blocks(model, inputs: torch.Tensor, *, max_new_tokens: int, steps: int,
+                              block_length: int, attention_mask: Optional[torch.Tensor] = None,
+                              eps: float = 1e-3, alg: str = "maskgit_plus",
+                              alg_temp: Optional[float] = None, temperature: float = 0.0,
+                              top_p: Optional[float] = None, top_k: Optional[int] = None,
+                              mask_token_id: int = 151666, cache: Optional[str] = None,
+                              refresh_every: Optional[int] = None,
+                              threshold: Optional[float] = None, factor: Optional[float] = None,
+                              draws: Optional[Draws] = None) -> torch.Tensor:
+    """Block-wise Dream with Fast-dLLM's accelerations, stated plainly: the oracle of
+    genjo_fast's ``diffusion_generate(..., block_length=, cache=, threshold=, factor=)``.
+
+    Semi-autoregressive: the answer is cut into blocks of ``block_length`` decoded left to
+    right, each with ``steps // num_blocks`` steps of upstream's step (module docstring) on
+    the block's positions only (the batch-mean count, its quirk and the tie rule included)
+    with a time grid ``linspace(1, eps, steps_per_block + 1)`` per block (Fast-dLLM's). The
+    model is a genjo_fast model (``forward_hidden`` and ``lm_head``: LLaDA's interface), so the
+    prediction for position ``i`` is ``lm_head(hidden[i - 1])``. Options, each approximate:
+
+    * ``cache="prefix"`` / ``"dual"``: each block starts with one full forward (its logits
+      are the block's first step; the per-layer K/V are kept); later steps run, against the
+      kept K/V, the rows from the one before the block to the end (``prefix``) or to the
+      block's end (``dual``, whose fresh K/V then replace their slots);
+      ``refresh_every=N`` adds a full forward every N steps of a block.
+    * ``threshold`` / ``factor``: each step transfers per row the positions chosen by
+      :func:`genjo_fast.reference.threshold_transfer_row` /
+      :func:`~genjo_fast.reference.factor_transfer_row` over the block's confidences
+      (``-inf`` off the mask) until the block has no mask (``alg`` must rank by a
+      confidence, not ``origin``; no ``alg_temp``); the step index of the draws then advances
+      by ``block_length`` per block.
+
+    Draws as :func:`diffusion_generate`'s (indexed by global step and absolute position).
+
+    Args:
+        model: a :class:`~genjo_fast.models.DreamModel` (or any model with its
+            ``forward_hidden(ids, key_mask, positions, kv_hook=)`` and ``lm_head``).
+        inputs: int64 ``(B, Lp)``, left-padded; attention_mask ``(B, Lp)`` 0/1 or ``None``.
+    Returns:
+        int64 ``(B, Lp + max_new_tokens)``.
+    """
+    draws = draws if draws is not None else TorchDraws()
+    batch, prompt_len = inputs.shape
+    length = prompt_len + max_new_tokens
+    x, _, positions = prepare_canvas(inputs, attention_mask, length, mask_token_id)
+    key_mask = None
+    if positions is not None:
+        key_mask = torch.cat([attention_mask.long(), attention_mask.new_ones(
+            (batch, max_new_tokens)).long()], dim=1).bool()
+    device = x.device
+    num_blocks = max_new_tokens // block_length
+    adaptive = threshold is not None or factor is not None
+    steps_per_block = block_length if adaptive else steps // num_blocks
+    timesteps = torch.linspace(1, eps, steps_per_block + 1, device=device)
+    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k)
+
+    for num_block in range(num_blocks):
+        start = prompt_len + num_block * block_length
+        stop = start + block_length
+        kv = PlainKVCache(model, cache, positions)
+        i = 0
+        while (x[:, start:stop] == mask_token_id).any() if adaptive else i < steps_per_block:
+            step = num_block * steps_per_block + i
+            if cache is None or i == 0 or (refresh_every is not None and i % refresh_every == 0):
+                hidden = kv.full(x, key_mask)[:, start - 1:stop - 1]
+            else:
+                hidden = kv.rows(x, key_mask, start - 1, stop)[:, :stop - start]
+            logits = model.lm_head(hidden)  # the predictions for positions [start, stop)
+            block = x[:, start:stop]
+            mask_index = block == mask_token_id
+            mask_logits = logits[mask_index]
+            t, s = timesteps[i], timesteps[min(i + 1, steps_per_block)]
+            last = i == steps_per_block - 1
+            uniform = None
+            if alg == "origin":
+                reveal = draws.remask(step, start, stop, batch, device)[mask_index] < (
+                    1 if last else 1 - s / t)
+                if temperature > 0:
+                    uniform = draws.token(step, start, stop, batch, device)[mask_index][reveal]
+                x0 = torch.full_like(block[mask_index], mask_token_id)
+                x0[reveal] = sample_tokens(mask_logits[reveal], uniform=uniform, **sampling)[1]
+                block[mask_index] = x0
+                i += 1
+                continue
+            if temperature > 0:
+                uniform = draws.token(step, start, stop, batch, device)[mask_index]
+            confidence, x0 = sample_tokens(mask_logits, uniform=uniform,
+                                           margin_confidence=alg == "topk_margin",
+                                           neg_entropy=alg == "entropy", **sampling)
+            full_confidence = torch.full_like(block, -torch.inf, dtype=logits.dtype)
+            full_confidence[mask_index] = confidence
+            candidate = torch.full_like(block, mask_token_id)  # mask id off the mask: the quirk
+            candidate[mask_index] = x0
+            if adaptive:
+                for j in range(batch):
+                    if threshold is not None:
+                        chosen = threshold_transfer_row(full_confidence[j], threshold)
+                    else:
+                        chosen = factor_transfer_row(full_confidence[j], factor)
+                    block[j, chosen] = candidate[j, chosen]
+            else:
+                n = transfer_count(mask_index, t, s, last)
+                if n > 0:
+                    if alg_temp is None or alg_temp == 0:
+                        chosen = top_positions(full_confidence, n)
+                    else:
+                        weights = F.softmax(full_confidence / alg_temp, dim=-1)
+                        chosen = sample_positions(weights, n, draws.position(
+                            step, start, stop, batch, device))
+                    block.scatter_(1, chosen, candidate.gather(1, chosen))
+            i += 1
+    return x

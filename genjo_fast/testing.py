@@ -60,20 +60,29 @@ def random_llada(vocab_size: int = 126464, d_model: int = 64, n_heads: int = 4,
     weights' memory.
     """
     from .models import LLaDAConfig, LLaDAModel
-    from .models.llada import RMSNorm
 
     config = LLaDAConfig(d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads,
                          n_layers=n_layers, mlp_hidden_size=mlp_hidden_size or 2 * d_model,
                          vocab_size=vocab_size, max_sequence_length=max_len, **config)
+    return _random_weights(LLaDAModel, config, seed, dtype, device)
+
+
+def _random_weights(model_class, config, seed: int, dtype, device,
+                    reset: tuple = (nn.Linear, nn.Embedding)) -> nn.Module:
+    """``model_class(config)`` built on the meta device, then materialised in ``dtype`` on
+    ``device`` with PyTorch's default initialisation of the ``reset`` modules (norms at 1),
+    seeded; frozen, in eval mode."""
+    from .models.llada import RMSNorm
+
     with torch.device("meta"):
-        model = LLaDAModel(config)
+        model = model_class(config)
     model = model.to(dtype).to_empty(device=device)
     torch.manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
-            elif isinstance(module, (nn.Linear, nn.Embedding)):
+            elif isinstance(module, reset):
                 module.reset_parameters()
     return model.requires_grad_(False).eval()
 
@@ -247,21 +256,11 @@ def random_dream(vocab_size: int = 152064, hidden_size: int = 64, num_attention_
     ``config``: further :class:`~genjo_fast.models.DreamConfig` fields."""
     from .models import DreamConfig, DreamModel
     from .models.dream import DreamLMHead
-    from .models.llada import RMSNorm
 
     config = DreamConfig(hidden_size=hidden_size, num_attention_heads=num_attention_heads,
                          num_key_value_heads=num_key_value_heads,
                          num_hidden_layers=num_hidden_layers,
                          intermediate_size=intermediate_size or 2 * hidden_size,
                          vocab_size=vocab_size, **config)
-    with torch.device("meta"):
-        model = DreamModel(config)
-    model = model.to(dtype).to_empty(device=device)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
-            elif isinstance(module, (nn.Linear, nn.Embedding, DreamLMHead)):
-                module.reset_parameters()
-    return model.requires_grad_(False).eval()
+    return _random_weights(DreamModel, config, seed, dtype, device,
+                           reset=(nn.Linear, nn.Embedding, DreamLMHead))

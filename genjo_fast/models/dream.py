@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import attention
-from .llada import KVHook, RMSNorm, apply_rope, rope_tables
+from ..attention import AttentionDispatch
+from .llada import KVHook, RMSNorm, RopeCache, apply_rope
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -207,9 +207,12 @@ class DreamLayer(nn.Module):
     ``+ mlp(post_attention_layernorm(.))``, with the attention split into :meth:`qkv` and
     :meth:`attend` so that a KV cache can replace or extend the keys and values in between."""
 
-    def __init__(self, config: DreamConfig, layer_id: int):
+    def __init__(self, config: DreamConfig, layer_id: int,
+                 attention: Optional[AttentionDispatch] = None):
         super().__init__()
         self.layer_id = layer_id
+        # The model's attention backend, shared by its layers (resolved once, not per call).
+        self.attention_dispatch = attention if attention is not None else AttentionDispatch()
         self.n_heads, self.n_kv_heads, self.head_dim = (
             config.num_attention_heads, config.num_key_value_heads, config.head_dim)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -250,7 +253,7 @@ class DreamLayer(nn.Module):
         Returns:
             ``(B, Lq, hidden_size)`` in the model dtype.
         """
-        out = attention(q, k, v, key_mask)
+        out = self.attention_dispatch(q, k, v, key_mask)
         if query_mask is not None:
             out = out.masked_fill(~query_mask[:, None, :, None], 0)
         batch, _, length, _ = out.shape
@@ -368,15 +371,15 @@ class DreamModel(nn.Module):
     def __init__(self, config: DreamConfig):
         super().__init__()
         self.config = config
+        # The attention backend of every layer: see set_attention_backend.
+        self.attention_dispatch = AttentionDispatch()
         self.model = nn.Module()  # upstream nests the decoder as DreamModel.model
         self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.model.layers = nn.ModuleList(DreamLayer(config, i)
+        self.model.layers = nn.ModuleList(DreamLayer(config, i, self.attention_dispatch)
                                           for i in range(config.num_hidden_layers))
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = DreamLMHead(config, self.model.norm, self.model.embed_tokens)
-        # float32 RoPE tables per device: a plain attribute (not in the state dict, never on
-        # the meta device, never downcast by ``.to(bf16)``).
-        self._rope_cache: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rope = RopeCache(config.head_dim, config.rope_theta, _MIN_ROPE_POSITIONS)
         self.eval()
 
     # -- accessors ------------------------------------------------------------------------
@@ -397,6 +400,11 @@ class DreamModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
 
+    def set_attention_backend(self, backend: Optional[str]) -> None:
+        """Chooses the attention backend of every layer, as
+        :meth:`genjo_fast.models.LLaDAModel.set_attention_backend` does."""
+        self.attention_dispatch.set_backend(backend)
+
     # -- pieces -----------------------------------------------------------------------------
 
     def rope(self, positions: Optional[torch.Tensor], length: int,
@@ -408,18 +416,7 @@ class DreamModel(nn.Module):
         Returns:
             ``(L, D)`` each, or ``(B, 1, L, D)`` for 2-D positions.
         """
-        needed = length if positions is None else int(positions.max()) + 1
-        cos, sin = self._rope_cache.get(device, (None, None))
-        if cos is None or cos.shape[0] < needed:
-            size = max(_MIN_ROPE_POSITIONS, needed, 0 if cos is None else 2 * cos.shape[0])
-            cos, sin = rope_tables(self.config.head_dim, size, self.config.rope_theta, device)
-            self._rope_cache[device] = (cos, sin)
-        if positions is None:
-            return cos[:length], sin[:length]
-        positions = positions.to(device=device, dtype=torch.long)
-        if positions.dim() == 2:
-            return cos[positions][:, None], sin[positions][:, None]
-        return cos[positions], sin[positions]
+        return self._rope(positions, length, device)
 
     def forward_hidden(self, input_ids: torch.Tensor,
                        attention_mask: Optional[torch.Tensor] = None,

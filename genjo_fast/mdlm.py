@@ -1,0 +1,709 @@
+"""Masked LMs as diffusion generators: the MDLM / DiffuGPT front-end on the engine.
+
+The family (``docs/semantics.md``, "Masked LMs"): a ``*ForMaskedLM`` from transformers trained
+with the MDLM objective (ModernBERT, BERT, RoBERTa), or a GPT-2 adapted to diffusion (DiffuGPT:
+full attention, ``shift=1``), sampled as JorgeVanco/diffusionGPT's ``TextDiffusionPipeline``
+does: each prompt followed by masks up to ``max_length``; at each of ``num_steps`` steps every
+masked position is revealed with probability ``(t - s) / t`` by a token sampled from the full
+vocabulary (the mask token excluded), or the ``ceil(n * p)`` most probable ones are
+(``use_confidence``), and visible generated tokens are re-sampled with a decaying probability
+(Seed Diffusion's edits, ``allow_edits``). The plain statement is
+:mod:`genjo_fast.reference_mdlm`; with the same draws the tokens are identical.
+
+What makes it faster than the upstream loop without changing its distribution:
+
+* batches: prompts of different lengths run together (each row is its prompt followed by
+  masks up to ``max_length``, exactly the upstream input, so no padding is needed);
+* the LM head and the sampler run only on the rows a step can change: the rule plans the step
+  before the forward (:meth:`MDLMRule.plan`, the engine's planning hook): in the random
+  variant it draws the reveal and edit decisions first and computes just those rows, in the
+  confidence variant the masked rows plus the edited ones;
+* the head runs a chunk of rows at a time, fused with the sample and its probability
+  (:func:`genjo_fast.mdlm_sampling.sample_rows`): no ``(B, L, V)`` logits, probabilities or
+  float64 tensors; a step where no row can change runs no forward at all;
+* ``adaptive_length`` (approximate, opt-in): the answer's length is decided after the first
+  step and the positions after its EOS are never computed again.
+
+The transformers pipeline (task ``"text-diffusion"``) is :mod:`genjo_fast.pipeline`.
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from .backends import resolve_backend
+from .contract import call_model, model_device, model_vocab_size
+from .engine import StepEvent, Window, denoise_steps
+from .mdlm_contract import (MDLMDraws, TorchMDLMDraws, edit_probability, is_causal_lm,
+                            model_call_kwargs, num_to_unmask, open_positions, unmask_probability,
+                            visible_positions)
+from .mdlm_sampling import sample_rows
+from .validation import (_check_float, _check_int, check_model_not_meta, check_token_tensor,
+                         check_vocab_size)
+
+__all__ = ["mdlm_generate", "mdlm_generate_steps", "mdlm_semi_autoregressive",
+           "mdlm_semi_autoregressive_steps", "MDLMStats", "context_window", "head_split"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The model: body and LM head, so that the head runs on chosen rows only.
+
+def _masked_lm_head(model, hidden):
+    return model.decoder(model.head(hidden))
+
+
+#: transformers classes whose forward is ``head(body(x)[0])``: class name -> the head applied to
+#: hidden states (the body is ``getattr(model, model.base_model_prefix)``). Checked against the
+#: classes' own forward in the tests.
+_HEADS = {
+    "ModernBertForMaskedLM": _masked_lm_head,
+    "BertForMaskedLM": lambda model, hidden: model.cls(hidden),
+    "RobertaForMaskedLM": lambda model, hidden: model.lm_head(hidden),
+    "GPT2LMHeadModel": lambda model, hidden: model.lm_head(hidden),
+}
+
+
+def head_split(model) -> Optional[Tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]]:
+    """``(body, head)`` of a known transformers LM class (its class or a base class in
+    ``_HEADS``): ``body(x, attention_mask=...)[0]`` gives hidden states ``(B, L, D)`` and
+    ``head(h)`` maps ``(R, D)`` to logits ``(R, V)``. ``None`` for any other model (it then runs
+    its full forward and its logits are gathered)."""
+    for cls in type(model).__mro__:
+        head = _HEADS.get(cls.__name__)
+        if head is not None:
+            body = getattr(model, getattr(model, "base_model_prefix", ""), None)
+            if isinstance(body, torch.nn.Module):
+                return body, lambda hidden: head(model, hidden)
+    return None
+
+
+def context_window(model) -> Optional[int]:
+    """The longest canvas the model can run on: ``config.seq_length`` when set (what
+    diffusionGPT's configs carry), else the position table's size (``max_position_embeddings``
+    or ``n_positions``, less RoBERTa's offset of ``padding_idx + 1``); ``None`` when unknown."""
+    config = getattr(model, "config", None)
+    for name in ("seq_length", "max_position_embeddings", "n_positions"):
+        size = getattr(config, name, None)
+        if isinstance(size, int) and not isinstance(size, bool):
+            break
+    else:
+        return None
+    if name != "seq_length":
+        body = getattr(model, getattr(model, "base_model_prefix", ""), None)
+        embeddings = getattr(body, "embeddings", None)
+        if hasattr(embeddings, "create_position_ids_from_input_ids"):  # RoBERTa's positions
+            size -= embeddings.padding_idx + 1
+    return size
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine's stages.
+
+@dataclass
+class MDLMStats:
+    """Work of one call. ``steps``: denoising steps; ``forwards``: model (body) forward passes
+    (a step where no row can change runs none); ``forward_tokens``: positions those forwards
+    ran over (``batch x width`` each; their sum is proportional to the body's FLOPs);
+    ``head_rows``: rows the LM head and the sampler ran on."""
+    steps: int = 0
+    forwards: int = 0
+    forward_tokens: int = 0
+    head_rows: int = 0
+
+
+@dataclass
+class RowLogits:
+    """The logits of the rows a step can change, computed lazily a chunk at a time.
+
+    Attributes:
+        batch, positions: int64 ``(R,)``, each row's batch row and canvas position.
+        vocab: ``V``. chunk: ``chunk(a, b)`` -> fresh float ``(b - a, V)`` logits of rows
+            ``a:b``.
+    """
+    batch: torch.Tensor
+    positions: torch.Tensor
+    vocab: int
+    chunk: Callable[[int, int], torch.Tensor]
+
+
+class RowRunner:
+    """The runner: the model over the canvas, the LM head on the planned rows only.
+
+    Called as ``runner(x, start, stop, full, rows)`` with ``rows`` bool ``(B, stop - start)``;
+    returns ``(RowLogits, None)``. The prediction for position ``i`` is the model's output at
+    ``i - shift``.
+
+    Args:
+        model: a transformers LM (:func:`head_split` classes run body and head apart) or any
+            callable ``model(x, attention_mask=...)`` returning ``.logits`` ``(B, L, V)``.
+        attention_mask: ``(B, L)`` 0/1 or ``None``.
+        shift: 0, or 1 for a DiffuGPT-style model.
+        stats: the :class:`MDLMStats` counted into.
+    """
+
+    def __init__(self, model, attention_mask: Optional[torch.Tensor], shift: int,
+                 stats: MDLMStats):
+        self.model = model
+        self.split = head_split(model)
+        self.attention_mask = attention_mask
+        self.shift = shift
+        self.kwargs = model_call_kwargs(model)
+        self.stats = stats
+
+    def __call__(self, x: torch.Tensor, start: int, stop: int, full: bool,
+                 rows: torch.Tensor) -> Tuple[RowLogits, None]:
+        batch, positions = rows.nonzero(as_tuple=True)
+        positions = positions + start
+        self.stats.head_rows += len(positions)
+        if len(positions) == 0:  # nothing can change: no forward
+            return RowLogits(batch, positions, 0, None), None
+        self.stats.forwards += 1
+        self.stats.forward_tokens += x.numel()
+        x = x.contiguous()
+        source = positions - self.shift
+        if self.split is not None:
+            body, head = self.split
+            hidden = body(x, attention_mask=self.attention_mask, **self.kwargs)[0]
+            hidden = hidden[batch, source]
+            vocab = self.model.get_output_embeddings().out_features
+            return RowLogits(batch, positions, vocab, lambda a, b: head(hidden[a:b])), None
+        # Advanced indexing copies: the rows are private, the sampler may overwrite them.
+        logits = call_model(self.model, x, self.attention_mask, **self.kwargs)[batch, source]
+        return RowLogits(batch, positions, logits.shape[-1], lambda a, b: logits[a:b]), None
+
+
+class RowSampler:
+    """The sampler: :func:`~genjo_fast.mdlm_sampling.sample_rows` on the runner's rows.
+
+    ``__call__(row_logits, None, step, start)`` -> ``(x0, confidence)``, each ``(B, n)``: the
+    sampled token and its probability on the rows, ``mask_id`` and ``-inf`` elsewhere. With
+    ``probe_id``, :attr:`probe` holds the rows' probability of that token after each call
+    (``(B, n)``, 0 elsewhere).
+
+    Args:
+        draws: the uniforms (:class:`~genjo_fast.mdlm_contract.MDLMDraws`).
+        batch_index: int64 ``(B,)``, the canvas rows' indices in the caller's batch.
+    """
+
+    def __init__(self, draws: MDLMDraws, batch_index: torch.Tensor, shape: Tuple[int, int], *,
+                 mask_id: int, temperature: float, probe_id: Optional[int] = None):
+        self.draws = draws
+        self.batch_index = batch_index
+        self.shape = shape
+        self.mask_id = mask_id
+        self.temperature = temperature
+        self.probe_id = probe_id
+        self.probe = None
+
+    def __call__(self, logits: RowLogits, un_logits, step: int, start: int):
+        device = self.batch_index.device
+        x0 = torch.full(self.shape, self.mask_id, dtype=torch.long, device=device)
+        rows = (logits.batch, logits.positions - start)
+        if len(logits.positions) == 0:
+            return x0, torch.full(self.shape, -torch.inf, device=device)
+        batch_index = self.batch_index[logits.batch]
+
+        def uniform(a, b):
+            return self.draws.token(step, batch_index[a:b], logits.positions[a:b], logits.vocab,
+                                    device)
+
+        tokens, p, probe = sample_rows(logits.chunk, len(logits.positions), logits.vocab,
+                                       uniform, mask_id=self.mask_id,
+                                       temperature=self.temperature, probe_id=self.probe_id)
+        x0[rows] = tokens
+        confidence = torch.full(self.shape, -torch.inf, dtype=p.dtype, device=device)
+        confidence[rows] = p
+        if probe is not None:
+            self.probe = torch.zeros(self.shape, dtype=probe.dtype, device=device)
+            self.probe[rows] = probe
+        return x0, confidence
+
+
+class MDLMRule:
+    """The transfer rule, with a plan (:mod:`genjo_fast.engine`): which positions a step
+    reveals and which it edits, over the window ``[start, stop)`` of a canvas.
+
+    ``plan`` draws the step's decisions before the forward and returns the rows the step needs:
+    in the random variant the positions it reveals plus those it edits; in the confidence
+    variant every open position plus the edited ones (and every open position at
+    ``probe_step``, whose probabilities the caller reads). ``__call__`` returns the positions
+    written: the revealed ones (random: drawn; confidence: the ``ceil(n * p)`` most probable
+    open positions, :func:`~genjo_fast.mdlm_contract.num_to_unmask`) and the edited ones.
+
+    Args:
+        ops: the backend namespace (``select_transfer``).
+        region: bool ``(B, stop - start)``, the generated positions of the window.
+        batch_index: int64 ``(B,)``, the rows' indices in the caller's batch (for the draws).
+        num_steps: the steps of the canvas; ``first_step``: the global index of its step 0
+            (semi-autoregressive blocks draw at ``block * num_steps + step``).
+    """
+
+    def __init__(self, ops, region: torch.Tensor, batch_index: torch.Tensor, start: int,
+                 stop: int, num_steps: int, first_step: int, *, use_confidence: bool,
+                 allow_edits: bool, mask_id: int, pad_id: Optional[int],
+                 eos_id: Optional[int], draws: MDLMDraws, probe_step: Optional[int] = None):
+        self.ops = ops
+        self.region = region
+        self.batch_index = batch_index
+        self.start, self.stop = start, stop
+        self.num_steps, self.first_step = num_steps, first_step
+        self.use_confidence = use_confidence
+        self.allow_edits = allow_edits
+        self.mask_id, self.pad_id, self.eos_id = mask_id, pad_id, eos_id
+        self.draws = draws
+        self.probe_step = probe_step
+        self.opened = self.reveal = self.edit = None
+
+    def prepare(self, i: int) -> bool:
+        return True
+
+    def plan(self, x_window: torch.Tensor, masked: torch.Tensor, step: int) -> torch.Tensor:
+        local = step - self.first_step
+        device = x_window.device
+        self.opened = open_positions(x_window, self.region, self.mask_id, self.pad_id)
+        self.edit = torch.zeros_like(self.opened)
+        if self.allow_edits:
+            u = self.draws.edit(step, self.batch_index, self.start, self.stop, device)
+            self.edit = visible_positions(x_window, self.region, self.mask_id, self.pad_id,
+                                          self.eos_id) & (u < edit_probability(local,
+                                                                               self.num_steps))
+        if self.use_confidence:
+            return self.opened | self.edit
+        u = self.draws.unmask(step, self.batch_index, self.start, self.stop, device)
+        self.reveal = self.opened & (u < unmask_probability(local, self.num_steps))
+        if step == self.probe_step:
+            return self.opened | self.edit
+        return self.reveal | self.edit
+
+    def __call__(self, confidence: torch.Tensor, rows: torch.Tensor,
+                 step: int) -> torch.Tensor:
+        if not self.use_confidence:
+            return self.reveal | self.edit
+        counts = num_to_unmask(self.opened.sum(1), step - self.first_step, self.num_steps)
+        chosen = self.ops.select_transfer(confidence.masked_fill(~self.opened, -torch.inf),
+                                          counts)
+        return (chosen & self.opened) | self.edit
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation.
+
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def as_prompt_list(prompts) -> List[torch.Tensor]:
+    """The prompts as int64 1-D tensors: a list/tuple of 1-D integer tensors or lists of ids,
+    or a 2-D integer tensor (one prompt per row)."""
+    if isinstance(prompts, torch.Tensor):
+        check_token_tensor("prompts", prompts, 2, "(batch, prompt_length)")
+        return [row.long() for row in prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts must be a list of 1-D token tensors (or of lists of ids) or "
+                        f"a 2-D tensor, got {type(prompts).__name__}")
+    result = []
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, torch.Tensor):
+            if not isinstance(prompt, (list, tuple)) or not all(
+                    isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
+                raise TypeError(f"prompts[{i}] must be a 1-D token tensor or a list of int ids, "
+                                f"got {type(prompt).__name__}")
+            prompt = torch.tensor(list(prompt), dtype=torch.long)
+        check_token_tensor(f"prompts[{i}]", prompt, 1, "(prompt_length,)")
+        result.append(prompt.long())
+    return result
+
+
+def check_mdlm_args(model, prompts: List[torch.Tensor], *, num_steps, allow_edits,
+                    use_confidence, mask_id, pad_id, eos_id, shift, temperature,
+                    adaptive_length, length_threshold, generator) -> None:
+    """Validates the options shared by :func:`mdlm_generate` and
+    :func:`mdlm_semi_autoregressive` (``prompts`` already through :func:`as_prompt_list`)."""
+    if not prompts:
+        raise ValueError("prompts is empty: give at least one prompt")
+    _check_int("num_steps", num_steps, 1)
+    _check_flag("allow_edits", allow_edits)
+    _check_flag("use_confidence", use_confidence)
+    _check_flag("adaptive_length", adaptive_length)
+    _check_int("mask_id", mask_id, 0)
+    token_ids = {}
+    for name, value in (("pad_id", pad_id), ("eos_id", eos_id)):
+        if value is not None:
+            _check_int(name, value, 0)
+            token_ids[name] = value
+    if shift not in (0, 1) or isinstance(shift, bool):
+        raise ValueError(f"shift must be 0 (a masked LM) or 1 (DiffuGPT: the prediction for "
+                         f"position i is read at i - 1), got {shift!r}")
+    _check_float("temperature", temperature)
+    if isinstance(length_threshold, bool) or not isinstance(length_threshold, numbers.Real) \
+            or not 0 <= length_threshold <= 1:
+        raise ValueError(f"length_threshold must be a probability in [0, 1], got "
+                         f"{length_threshold!r}")
+    if adaptive_length and eos_id is None:
+        raise ValueError("adaptive_length=True needs eos_id (the token that ends the answer)")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got "
+                        f"{type(generator).__name__}")
+    check_model_not_meta(model)
+    check_full_attention(model)
+    for i, prompt in enumerate(prompts):
+        if bool((prompt == mask_id).any()):
+            raise ValueError(f"prompts[{i}] contains mask_id={mask_id}: the mask id marks the "
+                             f"positions to generate")
+        if shift and len(prompt) == 0:
+            raise ValueError(f"prompts[{i}] is empty: a shifted model (shift=1) reads the "
+                             f"prediction for a position at the one before, so it needs at "
+                             f"least one prompt token")
+        check_vocab_size(model_vocab_size(model), mask_id, token_ids, "the model's vocab_size",
+                         prompt if len(prompt) else None, f"prompts[{i}]")
+
+
+@torch.no_grad()
+def check_full_attention(model) -> None:
+    """A causal LM must really run with full attention under ``is_causal=False`` (transformers
+    added that switch in its 5.x series; an older version would silently stay causal): the
+    first position's logits must change with the second token."""
+    if not is_causal_lm(model):
+        return
+    device = model_device(model, torch.device("cpu"))
+    x = torch.tensor([[0, 1], [0, 2]], device=device)
+    logits = call_model(model, x, None, **model_call_kwargs(model))
+    if torch.equal(logits[0, 0], logits[1, 0]):
+        import transformers
+        raise RuntimeError(f"{type(model).__name__} stays causal under is_causal=False with "
+                           f"transformers {transformers.__version__}: full attention for "
+                           f"decoder models needs a transformers with that switch (5.x)")
+
+
+def _check_length(name: str, value, model, prompts, hint: str) -> Optional[int]:
+    """``value`` must hold the longest prompt plus one token and fit the model's context
+    window (when known); returns the window."""
+    _check_int(name, value, 1)
+    longest = max(len(p) for p in prompts)
+    if value <= longest:
+        raise ValueError(f"{name}={value} leaves no room to generate after a prompt of "
+                         f"{longest} tokens: {name} counts the prompt and the generated tokens")
+    window = context_window(model)
+    if window is not None and value > window and hint:
+        raise ValueError(f"{name}={value} exceeds the model's context window ({window} "
+                         f"positions); {hint}")
+    return window
+
+
+# ----------------------------------------------------------------------------------------------
+# Front-ends.
+
+def _canvas_steps(model, x: torch.Tensor, region: torch.Tensor,
+                  attention_mask: Optional[torch.Tensor], batch_index: torch.Tensor, *,
+                  ops, num_steps: int, first_step: int, steps: range, allow_edits: bool,
+                  use_confidence: bool, mask_id: int, pad_id: Optional[int],
+                  eos_id: Optional[int], shift: int, temperature: float, draws: MDLMDraws,
+                  stats: MDLMStats, probe_id: Optional[int] = None) -> Iterator[StepEvent]:
+    """Runs steps ``steps`` (of ``num_steps``) on the canvas ``x`` (int64 ``(B, W)``, updated
+    in place) through the engine, yielding its events. Only ``region`` (bool ``(B, W)``) is
+    written; the engine's window spans the region's columns. Returns (as the generator's
+    value) the sampler's last ``probe_id`` probabilities (``None`` without a probe)."""
+    columns = region.any(0).nonzero()
+    if len(columns) == 0:  # nothing left to generate
+        return None
+    start, stop = int(columns[0]), int(columns[-1]) + 1
+    runner = RowRunner(model, attention_mask, shift, stats)
+    sampler = RowSampler(draws, batch_index, (x.shape[0], stop - start), mask_id=mask_id,
+                         temperature=temperature, probe_id=probe_id)
+    rule = MDLMRule(ops, region[:, start:stop], batch_index, start, stop, num_steps, first_step,
+                    use_confidence=use_confidence, allow_edits=allow_edits, mask_id=mask_id,
+                    pad_id=pad_id, eos_id=eos_id, draws=draws,
+                    probe_step=first_step if probe_id is not None else None)
+    window = Window(0, start, stop, len(steps), first_step + steps.start)
+    for event in denoise_steps(x, [window], runner, sampler, rule, mask_id=mask_id):
+        stats.steps += 1
+        yield event
+    return sampler.probe
+
+
+def _options(num_steps, allow_edits, use_confidence, mask_id, pad_id, eos_id, shift,
+             temperature, draws, generator) -> dict:
+    return dict(num_steps=num_steps, allow_edits=allow_edits, use_confidence=use_confidence,
+                mask_id=mask_id, pad_id=pad_id, eos_id=eos_id, shift=shift,
+                temperature=temperature,
+                draws=draws if draws is not None else TorchMDLMDraws(generator))
+
+
+def mdlm_generate_steps(model, prompts, *, max_length: int, num_steps: int = 50,
+                        allow_edits: bool = True, use_confidence: bool = False, mask_id: int,
+                        pad_id: Optional[int] = None, eos_id: Optional[int] = None,
+                        shift: int = 0, temperature: float = 1.0,
+                        adaptive_length: bool = False, length_threshold: float = 0.5,
+                        draws: Optional[MDLMDraws] = None,
+                        generator: Optional[torch.Generator] = None,
+                        backend: Optional[str] = None,
+                        stats: Optional[MDLMStats] = None) -> Iterator[StepEvent]:
+    """:func:`mdlm_generate` as an iterator: yields a :class:`~genjo_fast.engine.StepEvent`
+    after every step (``event.x`` is the canvas, ``(B, W)`` with ``W <= max_length`` once
+    ``adaptive_length`` has cut it); the generator's return value is the result. The
+    arguments are checked at the call, before the first step."""
+    prompts = as_prompt_list(prompts)
+    check_mdlm_args(model, prompts, num_steps=num_steps, allow_edits=allow_edits,
+                    use_confidence=use_confidence, mask_id=mask_id, pad_id=pad_id,
+                    eos_id=eos_id, shift=shift, temperature=temperature,
+                    adaptive_length=adaptive_length, length_threshold=length_threshold,
+                    generator=generator)
+    _check_length("max_length", max_length, model, prompts,
+                  "generate beyond it with mdlm_semi_autoregressive (block by block)")
+    return _generate_steps(model, prompts, max_length, stats if stats is not None else MDLMStats(),
+                           _options(num_steps, allow_edits, use_confidence, mask_id, pad_id,
+                                    eos_id, shift, temperature, draws, generator),
+                           adaptive_length, length_threshold, backend)
+
+
+@torch.no_grad()
+def _generate_steps(model, prompts: List[torch.Tensor], max_length: int, stats: MDLMStats,
+                    options: dict, adaptive_length: bool, length_threshold: float,
+                    backend: Optional[str]) -> Iterator[StepEvent]:
+    mask_id, pad_id, eos_id = options["mask_id"], options["pad_id"], options["eos_id"]
+    num_steps = options["num_steps"]
+    device = model_device(model, prompts[0].device)
+    ops = resolve_backend(backend, device)
+    batch = len(prompts)
+    x = torch.full((batch, max_length), mask_id, dtype=torch.long, device=device)
+    region = torch.ones_like(x, dtype=torch.bool)
+    for b, prompt in enumerate(prompts):
+        x[b, :len(prompt)] = prompt.to(device)
+        region[b, :len(prompt)] = False
+    batch_index = torch.arange(batch, device=device)
+    common = dict(ops=ops, first_step=0, stats=stats, **options)
+    if not adaptive_length:
+        yield from _canvas_steps(model, x, region, None, batch_index, steps=range(num_steps),
+                                 **common)
+        return x
+    probe = yield from _canvas_steps(model, x, region, None, batch_index, steps=range(1),
+                                     probe_id=eos_id, **common)
+    width, attention_mask = cut_at_eos(x, region, probe, length_threshold, eos_id=eos_id,
+                                       pad_id=pad_id)
+    if num_steps > 1:
+        yield from _canvas_steps(model, x[:, :width], region[:, :width], attention_mask,
+                                 batch_index, steps=range(1, num_steps), **common)
+    return x
+
+
+def cut_at_eos(x: torch.Tensor, region: torch.Tensor, eos_probability: torch.Tensor,
+               threshold: float, *, eos_id: int, pad_id: Optional[int]):
+    """``adaptive_length``'s decision after step 0, in place on ``x`` and ``region``.
+
+    In each row the first generated position whose EOS probability (``eos_probability``, the
+    window's columns, right-aligned with ``x``) is ``>= threshold`` becomes EOS and every
+    position after it pad (EOS without a pad id); they leave the region.
+
+    Returns:
+        ``width``, the canvas columns still needed (``max`` of the rows' lengths), and the
+        ``(B, width)`` attention mask masking the shorter rows' tails (``None`` if none).
+    """
+    batch, length = x.shape
+    probability = torch.zeros(x.shape, dtype=eos_probability.dtype, device=x.device)
+    probability[:, length - eos_probability.shape[1]:] = eos_probability
+    hits = region & (probability >= threshold)
+    found = hits.any(1)
+    end = torch.where(found, hits.int().argmax(1), length)  # the EOS position, or the end
+    columns = torch.arange(length, device=x.device)[None, :]
+    x.masked_fill_(columns == end[:, None], eos_id)
+    x.masked_fill_(columns > end[:, None], pad_id if pad_id is not None else eos_id)
+    region &= columns < end[:, None]
+    lengths = torch.where(found, end + 1, length)
+    width = int(lengths.max())
+    if int(lengths.min()) == width:
+        return width, None
+    return width, (columns[:, :width] < lengths[:, None]).long()
+
+
+def _drain(steps: Iterator, observer: Optional[Callable]):
+    """Runs a step iterator to the end, calling ``observer`` on each item; returns its
+    return value."""
+    while True:
+        try:
+            event = next(steps)
+        except StopIteration as done:
+            return done.value
+        if observer is not None:
+            observer(event)
+
+
+def mdlm_generate(model, prompts, *, max_length: int, num_steps: int = 50,
+                  allow_edits: bool = True, use_confidence: bool = False, mask_id: int,
+                  pad_id: Optional[int] = None, eos_id: Optional[int] = None, shift: int = 0,
+                  temperature: float = 1.0, adaptive_length: bool = False,
+                  length_threshold: float = 0.5, draws: Optional[MDLMDraws] = None,
+                  generator: Optional[torch.Generator] = None, backend: Optional[str] = None,
+                  observer: Optional[Callable[[StepEvent], None]] = None,
+                  return_stats: bool = False):
+    """Generates with a masked LM (or a DiffuGPT-style LM, ``shift=1``) as diffusionGPT's
+    pipeline does, batched (``docs/semantics.md``, "Masked LMs").
+
+    Args:
+        model: a transformers masked LM (``ModernBertForMaskedLM``, ``BertForMaskedLM``,
+            ``RobertaForMaskedLM``: the LM head then runs on the changing rows only), a
+            ``GPT2LMHeadModel`` (run with full attention), or any callable
+            ``model(x, attention_mask=...)`` returning ``.logits`` ``(B, L, V)``.
+        prompts: a list of int64 1-D token tensors (or lists of ids) of any lengths, or a
+            2-D tensor; none may contain ``mask_id``.
+        max_length: canvas length: each prompt followed by ``max_length - len(prompt)``
+            generated tokens; at most the model's context window (:func:`context_window`).
+        num_steps: denoising steps (>= 1).
+        allow_edits: Seed Diffusion edits: a visible generated token (not pad, not EOS) is
+            re-sampled with probability ``0.1 * (1 - step / num_steps)``.
+        use_confidence: reveal the ``ceil(n * p)`` most probable open positions instead of
+            each with probability ``p``.
+        mask_id, pad_id, eos_id: special ids; a position holding ``pad_id`` counts as masked;
+            ``eos_id`` is never edited and ends the answer with ``adaptive_length``.
+        shift: 1 reads the prediction for position ``i`` at ``i - 1`` (DiffuGPT).
+        temperature: divides the logits (1: as upstream; 0: the most probable token).
+        adaptive_length: APPROXIMATE, opt-in: after step 0, in each row the first generated
+            position whose EOS probability is ``>= length_threshold`` becomes EOS, the
+            positions after it pad, and they are never computed again.
+        draws: the uniforms (:class:`~genjo_fast.mdlm_contract.TensorMDLMDraws` to replay the
+            statement's); default fresh ones from ``generator``.
+        backend: backend of the transfer selection (``genjo_fast.backends``).
+        observer: called with a :class:`~genjo_fast.engine.StepEvent` after every step.
+        return_stats: also return the :class:`MDLMStats`.
+    Returns:
+        int64 ``(B, max_length)``: each prompt followed by its generated tokens; with
+        ``return_stats``, the pair ``(tokens, MDLMStats)``.
+    """
+    stats = MDLMStats()
+    out = _drain(mdlm_generate_steps(
+        model, prompts, max_length=max_length, num_steps=num_steps, allow_edits=allow_edits,
+        use_confidence=use_confidence, mask_id=mask_id, pad_id=pad_id, eos_id=eos_id,
+        shift=shift, temperature=temperature, adaptive_length=adaptive_length,
+        length_threshold=length_threshold, draws=draws, generator=generator, backend=backend,
+        stats=stats), observer)
+    return (out, stats) if return_stats else out
+
+
+def mdlm_semi_autoregressive_steps(model, prompts, *, block_size: int, max_length: int,
+                                   num_steps: int = 50, allow_edits: bool = True,
+                                   use_confidence: bool = False, mask_id: int,
+                                   pad_id: Optional[int] = None, eos_id: Optional[int] = None,
+                                   shift: int = 0, temperature: float = 1.0,
+                                   stop_id: Optional[int] = None,
+                                   window: Optional[int] = None,
+                                   draws: Optional[MDLMDraws] = None,
+                                   generator: Optional[torch.Generator] = None,
+                                   backend: Optional[str] = None,
+                                   stats: Optional[MDLMStats] = None
+                                   ) -> Iterator[List[torch.Tensor]]:
+    """:func:`mdlm_semi_autoregressive` as an iterator: yields every sequence's current state
+    (a list of int64 1-D tensors, the block in progress included) after every step, and once
+    more after a block is cut at ``stop_id``; the generator's return value is the result. The
+    arguments are checked at the call, before the first step."""
+    prompts = as_prompt_list(prompts)
+    check_mdlm_args(model, prompts, num_steps=num_steps, allow_edits=allow_edits,
+                    use_confidence=use_confidence, mask_id=mask_id, pad_id=pad_id,
+                    eos_id=eos_id, shift=shift, temperature=temperature,
+                    adaptive_length=False, length_threshold=0.5, generator=generator)
+    _check_int("block_size", block_size, 1)
+    _check_length("max_length", max_length, model, prompts, "")
+    if stop_id is not None:
+        _check_int("stop_id", stop_id, 0)
+    window = window if window is not None else context_window(model)
+    if window is None:
+        raise ValueError(f"the context window of {type(model).__name__} is unknown: pass "
+                         f"window= (the longest canvas the model runs on)")
+    _check_int("window", window, 2)
+    if block_size >= window:
+        raise ValueError(f"block_size={block_size} must be smaller than the context window "
+                         f"({window} positions): each block is generated after the last "
+                         f"window - block_size tokens of the sequence")
+    return _semi_autoregressive_steps(
+        model, prompts, block_size, max_length, window, stop_id,
+        stats if stats is not None else MDLMStats(),
+        _options(num_steps, allow_edits, use_confidence, mask_id, pad_id, eos_id, shift,
+                 temperature, draws, generator), backend)
+
+
+@torch.no_grad()
+def _semi_autoregressive_steps(model, prompts: List[torch.Tensor], block_size: int,
+                               max_length: int, window: int, stop_id: Optional[int],
+                               stats: MDLMStats, options: dict,
+                               backend: Optional[str]) -> Iterator[List[torch.Tensor]]:
+    mask_id, num_steps = options["mask_id"], options["num_steps"]
+    device = model_device(model, prompts[0].device)
+    ops = resolve_backend(backend, device)
+    sequences = [p.to(device) for p in prompts]
+    blocks = [0] * len(sequences)
+    active = [b for b, s in enumerate(sequences) if len(s) < max_length]
+    while active:
+        # Rows of equal length have equal windows and blocks: they run as one batch.
+        for length in sorted({len(sequences[b]) for b in active}):
+            group = [b for b in active if len(sequences[b]) == length]
+            n = min(block_size, max_length - length)
+            keep = min(length, window - n)
+            x = torch.full((len(group), keep + n), mask_id, dtype=torch.long, device=device)
+            for i, b in enumerate(group):
+                x[i, :keep] = sequences[b][length - keep:]
+            region = torch.zeros_like(x, dtype=torch.bool)
+            region[:, keep:] = True
+            steps = _canvas_steps(model, x, region, None, torch.tensor(group, device=device),
+                                  ops=ops, first_step=blocks[group[0]] * num_steps,
+                                  steps=range(num_steps), stats=stats, **options)
+            for _ in steps:
+                current = list(sequences)
+                for i, b in enumerate(group):
+                    current[b] = torch.cat([sequences[b], x[i, keep:]])
+                yield current
+            stopped = False
+            for i, b in enumerate(group):
+                new = x[i, keep:]
+                if stop_id is not None and bool((new == stop_id).any()):
+                    new = new[:int((new == stop_id).nonzero()[0])]
+                    active.remove(b)
+                    stopped = True
+                sequences[b] = torch.cat([sequences[b], new])
+                blocks[b] += 1
+                if len(sequences[b]) >= max_length and b in active:
+                    active.remove(b)
+            if stopped:
+                yield list(sequences)
+    return sequences
+
+
+def mdlm_semi_autoregressive(model, prompts, *, block_size: int, max_length: int,
+                             num_steps: int = 50, allow_edits: bool = True,
+                             use_confidence: bool = False, mask_id: int,
+                             pad_id: Optional[int] = None, eos_id: Optional[int] = None,
+                             shift: int = 0, temperature: float = 1.0,
+                             stop_id: Optional[int] = None, window: Optional[int] = None,
+                             draws: Optional[MDLMDraws] = None,
+                             generator: Optional[torch.Generator] = None,
+                             backend: Optional[str] = None,
+                             observer: Optional[Callable[[List[torch.Tensor]], None]] = None,
+                             return_stats: bool = False):
+    """Semi-autoregressive generation beyond the context window, block by block
+    (diffusionGPT's ``semi_autoregressive_generate``, batched).
+
+    While a sequence is shorter than ``max_length``, a block of ``n = min(block_size,
+    max_length - len)`` masks is appended to its last ``window - n`` tokens (a sliding
+    context) and denoised for ``num_steps`` steps, only the block being written; a block
+    holding ``stop_id`` is cut before it and ends that sequence. Sequences of equal length run
+    as one batch. Options as :func:`mdlm_generate`.
+
+    Args:
+        block_size: tokens per block, smaller than the context window.
+        max_length: total length (prompt included) at which a sequence stops; may exceed the
+            context window.
+        window: the context window; default :func:`context_window` of the model.
+        stop_id: the token that ends a sequence (it is not kept).
+        observer: called with the list of current sequences after every step.
+    Returns:
+        a list of int64 1-D tensors, each prompt followed by its generated tokens; with
+        ``return_stats``, the pair ``(sequences, MDLMStats)``.
+    """
+    stats = MDLMStats()
+    out = _drain(mdlm_semi_autoregressive_steps(
+        model, prompts, block_size=block_size, max_length=max_length, num_steps=num_steps,
+        allow_edits=allow_edits, use_confidence=use_confidence, mask_id=mask_id, pad_id=pad_id,
+        eos_id=eos_id, shift=shift, temperature=temperature, stop_id=stop_id, window=window,
+        draws=draws, generator=generator, backend=backend, stats=stats), observer)
+    return (out, stats) if return_stats else out
