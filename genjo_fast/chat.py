@@ -26,6 +26,7 @@ import inspect
 import json
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple, Union
@@ -152,7 +153,8 @@ def load_chat_model(spec: Optional[str] = None, *, device: Union[str, torch.devi
 @contextlib.contextmanager
 def _quiet_transformers():
     """transformers' logging at errors only (not its warning, when a tokenizer is loaded
-    from a checkpoint directory, that the config is no transformers model's)."""
+    from a checkpoint directory, that the config is no transformers model's), and no
+    FutureWarning."""
     try:
         from transformers.utils import logging
     except ImportError:
@@ -161,7 +163,9 @@ def _quiet_transformers():
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()
     try:
-        yield
+        with warnings.catch_warnings():  # nor its FutureWarnings about config fields
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
     finally:
         logging.set_verbosity(verbosity)
 
@@ -208,14 +212,15 @@ class Settings:
     """The sampling options of a reply. ``None`` means the family's default.
 
     Both families: ``gen_length`` (answer tokens), ``steps``, ``temperature``, ``backend``,
-    ``seed`` (a ``torch.Generator`` seed for sampled choices; ``None``: unseeded).
-    LLaDA (:func:`genjo_fast.generate`): ``block_length`` (default 8 when it divides
-    ``gen_length``, else ``gen_length``), ``cfg_scale``, ``remasking``, ``cache``,
-    ``refresh_every``, ``threshold``, ``factor``, ``stop_at_eos`` and ``constraints``
-    (``"pos:word, ..."``, each word's ids with a leading space placed from answer position
-    ``pos``, as the reference app does) when this genjo_fast's ``generate`` has them.
-    Dream (``diffusion_generate``): ``alg`` (default ``"entropy"``), ``alg_temp``, ``top_p``,
-    ``top_k``.
+    ``seed`` (a ``torch.Generator`` seed for sampled choices; ``None``: unseeded),
+    ``block_length``, ``cache``, ``refresh_every``, ``threshold``, ``factor``.
+    LLaDA (:func:`genjo_fast.generate`): ``block_length`` defaults to 8 when it divides
+    ``gen_length``, else ``gen_length``; ``cfg_scale``, ``remasking``, and ``stop_at_eos`` and
+    ``constraints`` (``"pos:word, ..."``, each word's ids with a leading space placed from
+    answer position ``pos``, as the reference app does) when this genjo_fast's ``generate``
+    has them. Dream (:func:`genjo_fast.diffusion_generate`): ``block_length`` defaults to the
+    whole answer (upstream's sampler); ``alg`` (default ``"entropy"``), ``alg_temp``,
+    ``top_p``, ``top_k``.
     """
     gen_length: int = 32
     steps: int = 32
@@ -273,13 +278,12 @@ class Settings:
                 _require_keyword("constraints", "positional constraints")
                 out["constraints"] = constraints
             return out
-        self._refuse("Dream", ("block_length", None), ("cfg_scale", 0.0),
-                     ("remasking", "low_confidence"), ("cache", None), ("refresh_every", None),
-                     ("threshold", None), ("factor", None), ("stop_at_eos", False),
-                     ("constraints", ""))
+        self._refuse("Dream", ("cfg_scale", 0.0), ("remasking", "low_confidence"),
+                     ("stop_at_eos", False), ("constraints", ""))
         out = dict(common, max_new_tokens=self.gen_length, alg=self.alg or "entropy",
                    mask_token_id=chat.mask_id)
-        for name in ("alg_temp", "top_p", "top_k"):
+        for name in ("alg_temp", "top_p", "top_k", "block_length", "cache", "refresh_every",
+                     "threshold", "factor"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         return out

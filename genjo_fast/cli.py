@@ -63,14 +63,10 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
                             "auto)")
     group.add_argument("--seed", type=int, default=None,
                        help="seed of the sampled choices (temperature > 0, random remasking)")
-    group = parser.add_argument_group("LLaDA (genjo_fast.generate)")
     group.add_argument("--block-length", type=int, default=None,
-                       help="semi-autoregressive block length (default 8 when it divides "
-                            "--gen-length, else --gen-length)")
-    group.add_argument("--cfg-scale", type=float, default=d.cfg_scale,
-                       help="classifier-free guidance scale (default %(default)s)")
-    group.add_argument("--remasking", choices=["low_confidence", "random"],
-                       default=d.remasking, help="which tokens to unmask first")
+                       help="semi-autoregressive block length (LLaDA's default: 8 when it "
+                            "divides --gen-length, else --gen-length; Dream's: the whole "
+                            "answer)")
     group.add_argument("--cache", choices=["prefix", "dual"], default=None,
                        help="APPROXIMATE: Fast-dLLM's block KV cache")
     group.add_argument("--refresh-every", type=int, default=None,
@@ -80,13 +76,18 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
                             "confidence is >= this (in [0, 1])")
     group.add_argument("--factor", type=float, default=None,
                        help="APPROXIMATE: factor-based parallel decoding (> 0)")
+    group = parser.add_argument_group("LLaDA (genjo_fast.generate)")
+    group.add_argument("--cfg-scale", type=float, default=d.cfg_scale,
+                       help="classifier-free guidance scale (default %(default)s)")
+    group.add_argument("--remasking", choices=["low_confidence", "random"],
+                       default=d.remasking, help="which tokens to unmask first")
     group.add_argument("--stop-at-eos", action="store_true",
                        help="stop a row once its answer has ended (needs a genjo_fast whose "
                             "generate has stop_at_eos)")
     group.add_argument("--constraints", default="", metavar="POS:WORD,...",
                        help="fix words at answer positions, e.g. '0:Once, 5:upon' (needs a "
                             "genjo_fast whose generate has constraints)")
-    group = parser.add_argument_group("Dream (diffusion_generate)")
+    group = parser.add_argument_group("Dream (genjo_fast.diffusion_generate)")
     group.add_argument("--alg", choices=["origin", "maskgit_plus", "topk_margin", "entropy"],
                        default=None, help="position rule (default entropy)")
     group.add_argument("--alg-temp", type=float, default=None,
@@ -234,10 +235,18 @@ def answer(conversation: Conversation, message: str, settings: Settings, interac
     except KeyboardInterrupt:
         if live is not None:
             print("\n(interrupted)")
-    except (ChatError, ValueError, TypeError, RuntimeError) as error:
+    except Exception as error:  # reported; the chat goes on
         if live is not None and live.rows:
             print()
-        print(f"{program}: {error}", file=sys.stderr, flush=True)
+        print(f"{program}: {describe_error(error)}", file=sys.stderr, flush=True)
+
+
+def describe_error(error: Exception) -> str:
+    """The message of ``error`` for the user: bad input (:class:`ChatError`, ``ValueError``,
+    ``TypeError``) as it is, anything else with its type (e.g. a failing model)."""
+    if isinstance(error, (ChatError, ValueError, TypeError)):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="genjo-fast", description="Chat with a masked-diffusion LM and watch it denoise.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chat = commands.add_parser("chat", help="multi-turn chat in the console",
-                               description=__doc__,
+                               description=__doc__.replace("``", ""),
                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(chat)
     add_settings_arguments(chat)

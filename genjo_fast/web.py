@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from .chat import (ChatError, ChatModel, Conversation, Reply, Settings,  # noqa: E402
                    load_chat_model)
-from .cli import describe  # noqa: E402
+from .cli import describe, describe_error  # noqa: E402
 from .streaming import KEPT, MASK, NEW, StreamUpdate  # noqa: E402
 
 #: Colours of the denoising view (the reference app's mask grey).
@@ -64,6 +64,11 @@ class Session:
     """One browser session: its model and conversation, and the chat as shown."""
     conversation: Conversation
     shown: List[Dict[str, str]]
+
+
+def warning(error: Exception) -> str:
+    """The status line for ``error``."""
+    return f"\u26a0\ufe0f {describe_error(error)}"
 
 
 def view(update: StreamUpdate) -> List[Tuple[str, Optional[str]]]:
@@ -186,8 +191,8 @@ def build(models: Models, settings: Settings, delay: float = 0.05) -> gr.Blocks:
                 settings_ = read_settings(state.conversation.chat, values)
                 turn = state.conversation.reply(text, settings_)
                 first = next(turn)  # bad input raises here, before anything is shown
-            except (ChatError, ValueError, TypeError, RuntimeError) as error:
-                yield shown, gr.skip(), gr.skip(), f"\u26a0\ufe0f {error}", text, state
+            except Exception as error:  # shown on the page; the app goes on
+                yield shown, gr.skip(), gr.skip(), warning(error), text, state
                 return
             pending = shown + [{"role": "user", "content": text},
                                {"role": "assistant", "content": ""}]
@@ -203,8 +208,8 @@ def build(models: Models, settings: Settings, delay: float = 0.05) -> gr.Blocks:
                         if wait:
                             time.sleep(float(wait))
                     item = next(turn)
-            except (ValueError, TypeError, RuntimeError) as error:
-                yield shown, gr.skip(), gr.skip(), f"\u26a0\ufe0f {error}", text, state
+            except Exception as error:
+                yield shown, gr.skip(), gr.skip(), warning(error), text, state
                 return
             note = (f" ({item.dropped_turns} earliest turn(s) left out to fit the context)"
                     if item.dropped_turns else "")
@@ -216,14 +221,13 @@ def build(models: Models, settings: Settings, delay: float = 0.05) -> gr.Blocks:
             try:
                 return [], [], "", "", Session(Conversation(models.get(name)), [])
             except ChatError as error:
-                return gr.skip(), gr.skip(), gr.skip(), f"\u26a0\ufe0f {error}", state
+                return gr.skip(), gr.skip(), gr.skip(), warning(error), state
 
         def load_model(name, state):
             try:
                 chat = models.get(name)
             except ChatError as error:
-                return (gr.skip(), gr.skip(), gr.skip(), gr.skip(), f"\u26a0\ufe0f {error}",
-                        state)
+                return gr.skip(), gr.skip(), gr.skip(), gr.skip(), warning(error), state
             return (describe(chat), gr.Group(visible=chat.family == "llada"),
                     gr.Group(visible=chat.family == "dream"), [],
                     f"Loaded {chat.name}.", Session(Conversation(chat), []))

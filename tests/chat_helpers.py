@@ -46,6 +46,21 @@ def tiny_llada(tokenizer, context=256, seed=0):
     return model
 
 
+def save_dream_checkpoint(directory: Path, context=256, seed=0) -> Path:
+    """A Dream checkpoint directory of a tiny random Dream model for the same tokenizer."""
+    from genjo_fast.models import save_dream
+    from genjo_fast.testing import random_dream
+
+    tokenizer = char_tokenizer()
+    model = random_dream(len(tokenizer), hidden_size=32, num_attention_heads=4,
+                         num_key_value_heads=2, num_hidden_layers=2, intermediate_size=48,
+                         seed=seed, mask_token_id=MASK_ID, pad_token_id=EOS_ID,
+                         eos_token_id=EOS_ID, max_position_embeddings=context)
+    save_dream(model, directory)
+    tokenizer.save_pretrained(directory)
+    return Path(directory)
+
+
 def save_checkpoint(directory: Path, context=256, seed=0) -> Path:
     """A LLaDA checkpoint directory (config, weights, tokenizer files) of a tiny random
     model."""

@@ -14,7 +14,8 @@ import torch
 
 from genjo_fast.chat import ChatError, Conversation, Reply, Settings, load_chat_model
 
-from chat_helpers import EOS_ID, EOT_ID, MASK_ID, char_tokenizer, save_checkpoint, tiny_llada
+from chat_helpers import (EOS_ID, EOT_ID, MASK_ID, char_tokenizer, save_checkpoint,
+                          save_dream_checkpoint, tiny_llada)
 
 pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,6 +152,24 @@ def test_the_zoo_model_is_the_default(monkeypatch):
         load_chat_model("no-such-model", device="cpu")
 
 
+def test_a_failing_sampler_is_reported_and_the_chat_goes_on(chat, monkeypatch, capsys):
+    from genjo_fast import chat as chat_module
+    from genjo_fast.cli import answer
+
+    conversation = Conversation(chat)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (a stand-in)")
+    monkeypatch.setattr(chat_module, "run_sampler", broken)
+    answer(conversation, "Sort: 3 1 2", Settings(), interactive=False, program="chat")
+    assert capsys.readouterr().err == "chat: RuntimeError: CUDA out of memory (a stand-in)\n"
+    assert conversation.turns == []
+    monkeypatch.undo()
+    answer(conversation, "Sort: 3 1 2", Settings(), interactive=False, program="chat")
+    assert capsys.readouterr().out.strip() == answers(chat, ["Sort: 3 1 2"])[0]
+    assert len(conversation.turns) == 1
+
+
 # -- through a pipe --------------------------------------------------------------------------
 
 def test_pipe_answers_each_line_and_reports_bad_input(checkpoint, chat):
@@ -182,6 +201,20 @@ def test_pipe_with_settings_and_sampler_errors(checkpoint, chat):
     run_ = run(checkpoint, "a\nb\n", "--gen-length", "12", "--block-length", "8")
     assert run_.returncode == 0 and run_.stdout == ""
     assert run_.stderr.count("gen_length (12) must be a multiple of block_length (8)") == 2
+
+
+def test_pipe_with_a_dream_checkpoint(tmp_path):
+    directory = save_dream_checkpoint(tmp_path / "dream")
+    dream = load_chat_model(str(directory), device="cpu")
+    assert dream.family == "dream" and dream.context == 256
+    settings = Settings(steps=16, block_length=8)
+    expected = answers(dream, ["Sort: 3 1 2", "Reverse: abc"], settings)
+    run_ = run(directory, "Sort: 3 1 2\nReverse: abc\n", "--steps", "16",
+               "--block-length", "8")
+    assert run_.returncode == 0, run_.stderr
+    assert run_.stdout.splitlines() == expected
+    run_ = run(directory, "hi\n", "--cfg-scale", "1")
+    assert run_.returncode == 2 and "cfg_scale is not an option of Dream" in run_.stderr
 
 
 def test_bad_model_and_settings_exit_with_a_message(tmp_path, checkpoint):
