@@ -1,15 +1,19 @@
 """Block cache (approximate, opt-in) against the exact reference and against the plain
-statement of the same cache (the peers' way: torch ops, SDPA, K/V concatenated per step).
+statement of the same cache (:func:`genjo_fast.reference.generate_approximate`: torch ops, the
+model's attention, K/V concatenated per step).
 
-CPU: the foundation setting (vocab 126464, prompt 128, gen 64, block 16, steps 32, batch 1,
-temperature 0) on a small random LLaDA model. CUDA (skipped elsewhere): an LLaDA-8B-shaped
-model with random bf16 weights, prompt 512, gen 256, block 32, steps 256, batch 1 and 8:
-per-step time of the dual cache against the reference's, and the whole generate against
-:func:`genjo_fast.reference.generate_approximate` with the same cache and schedule.
+CPU (machines without a GPU): the foundation setting (vocab 126464, prompt 128, gen 64, block
+16, steps 32, batch 1, temperature 0) on a small random LLaDA model, every implementation in one
+case. CUDA (skipped elsewhere): an LLaDA-8B-shaped model with random bf16 weights, prompt 512,
+gen 256, block 32, steps 256, batch 1 and 8: per-step time of the dual cache (with and without a
+CUDA graph) against the reference's, and the whole generate against the plain statement of the
+same cache.
+
+Checks: genjo_fast's exact path gives the reference's tokens; each cache gives the tokens of
+its plain statement; the CUDA graph gives the tokens of the same cache without it.
+Target: the dual cache 8x faster than the reference on CPU.
 Run with ``pytest benchmarks/test_bench_cache.py --benchmark-only -s``.
 """
-import time
-
 import pytest
 import torch
 
@@ -18,53 +22,38 @@ from genjo_fast import reference
 from genjo_fast.testing import random_llada, random_prompts
 
 MASK_ID = 126336
-_results = {}
-
-
-def timed(device, fn):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - start
-
-
-@pytest.fixture(scope="module")
-def cpu_model():
-    return random_llada(d_model=64, n_heads=4, n_layers=2, max_len=256, seed=0)
-
-
 CPU_SETTING = dict(steps=32, gen_length=64, block_length=16)
-CPU_IMPLS = {
-    "reference": lambda m, p, a: reference.generate(m, p, a, **CPU_SETTING),
-    "statement_dual": lambda m, p, a: reference.generate_approximate(m, p, a, cache="dual",
-                                                                     **CPU_SETTING),
-    "genjo_fast_exact": lambda m, p, a: genjo_fast.generate(m, p, a, **CPU_SETTING),
-    "genjo_fast_prefix": lambda m, p, a: genjo_fast.generate(m, p, a, cache="prefix",
-                                                             **CPU_SETTING),
-    "genjo_fast_dual": lambda m, p, a: genjo_fast.generate(m, p, a, cache="dual",
-                                                           **CPU_SETTING),
-}
 
 
-@pytest.mark.parametrize("impl", list(CPU_IMPLS))
-def test_bench_cache_cpu(benchmark, cpu_model, impl):
+def test_bench_cache_cpu(bench, device):
+    if device.type != "cpu":
+        pytest.skip("the CPU setting; test_bench_cache_gpu runs on CUDA")
+    model = random_llada(d_model=64, n_heads=4, n_layers=2, max_len=256, seed=0)
     prompt, attention_mask = random_prompts(1, 128, 126464, pad_id=126081, avoid=(MASK_ID,))
-    with torch.no_grad():
-        cpu_model(prompt)  # warm-up
-    benchmark.pedantic(lambda: CPU_IMPLS[impl](cpu_model, prompt, attention_mask), rounds=1,
-                       iterations=1)
-    seconds = benchmark.stats.stats.mean
-    _results[impl] = seconds
-    benchmark.extra_info.update(impl=impl, seconds=seconds)
-    if impl != "reference":
-        print(f"\n{impl}: {_results['reference'] / seconds:.1f}x faster than the reference "
-              f"({_results['reference']:.2f} s -> {seconds:.2f} s)")
-    if impl == "genjo_fast_dual":
-        print(f"genjo_fast_dual: {_results['statement_dual'] / seconds:.1f}x faster than the "
-              f"plain statement of the same dual cache")
+    bench.describe(dict(case="batch 1, temperature 0"), batch=1, prompt_length=128,
+                   vocab=126464, temperature=0.0, **CPU_SETTING)
+
+    def run(generate, **kw):
+        return lambda: generate(model, prompt, attention_mask, **CPU_SETTING, **kw)
+
+    sides = bench.measure({
+        "reference": run(reference.generate),
+        "genjo_fast exact": run(genjo_fast.generate),
+        "statement prefix": run(reference.generate_approximate, cache="prefix"),
+        "genjo_fast prefix": run(genjo_fast.generate, cache="prefix"),
+        "statement dual": run(reference.generate_approximate, cache="dual"),
+        "genjo_fast dual": run(genjo_fast.generate, cache="dual"),
+    }, repeats=3)
+    out = {name: side.out for name, side in sides.items()}
+    bench.assert_equal(out["genjo_fast exact"], out["reference"],
+                       "genjo_fast exact: tokens identical to the reference")
+    for cache in ("prefix", "dual"):
+        bench.assert_equal(out[f"genjo_fast {cache}"], out[f"statement {cache}"],
+                           f"cache={cache}: tokens identical to its plain statement")
+    for name in ("genjo_fast exact", "genjo_fast prefix", "genjo_fast dual"):
+        bench.ratio(f"{name} vs reference", "reference", name,
+                    target=8.0 if name == "genjo_fast dual" else None)
+    bench.ratio("genjo_fast dual vs its statement", "statement dual", "genjo_fast dual")
 
 
 @pytest.fixture(scope="module")
@@ -76,30 +65,36 @@ def llada_8b(device):
 
 
 @pytest.mark.parametrize("batch", [1, 8])
-def test_bench_cache_gpu(benchmark, device, llada_8b, batch):
+def test_bench_cache_gpu(bench, device, llada_8b, batch):
     setting = dict(gen_length=256, block_length=32)
     prompt, attention_mask = random_prompts(batch, 512, 126464, pad_id=126081, avoid=(MASK_ID,))
     prompt, attention_mask = prompt.to(device), attention_mask.to(device)
-    # The reference is timed over one step per block (steps=8) to keep the run short.
-    _, ref_seconds = timed(device, lambda: reference.generate(llada_8b, prompt, attention_mask,
-                                                              steps=8, **setting))
-    ref_step = ref_seconds / 8
-    _, statement = timed(device, lambda: reference.generate_approximate(
-        llada_8b, prompt, attention_mask, steps=256, cache="dual", **setting))
-    results = {}
-    for graph in (False, True):
-        _, results[graph] = timed(device, lambda: genjo_fast.generate(
-            llada_8b, prompt, attention_mask, steps=256, cache="dual", cuda_graph=graph,
-            **setting))
-    benchmark.pedantic(lambda: genjo_fast.generate(llada_8b, prompt, attention_mask, steps=256,
-                                                   cache="dual", cuda_graph=True, **setting),
-                       rounds=1, iterations=1)
-    info = dict(batch=batch, reference_ms_per_step=1e3 * ref_step,
-                dual_ms_per_step=1e3 * results[False] / 256,
-                dual_graph_ms_per_step=1e3 * results[True] / 256,
-                step_speedup=ref_step / (results[True] / 256),
-                statement_seconds=statement, dual_seconds=results[False],
-                dual_graph_seconds=results[True], vs_statement=statement / results[True],
-                peak_gib=torch.cuda.max_memory_allocated() / 2**30)
-    benchmark.extra_info.update(info)
-    print("\n" + ", ".join(f"{k}={v:.3g}" for k, v in info.items()))
+    steps, ref_steps = 256, 8  # the reference is timed over one step per block
+    bench.describe(dict(batch=batch), batch=batch, prompt_length=512, steps=steps,
+                   reference_steps=ref_steps, dtype="bfloat16", model="LLaDA-8B shape",
+                   **setting)
+
+    def run(generate, steps, **kw):
+        return lambda: generate(llada_8b, prompt, attention_mask, steps=steps, **setting, **kw)
+
+    sides = {"reference": run(reference.generate, ref_steps),
+             "statement dual": run(reference.generate_approximate, steps, cache="dual"),
+             "genjo_fast dual": run(genjo_fast.generate, steps, cache="dual"),
+             "genjo_fast dual graph": run(genjo_fast.generate, steps, cache="dual",
+                                          cuda_graph=True)}
+    warmup = {  # two steps per block: the same shapes and code, a cached step included
+        "statement dual": run(reference.generate_approximate, 16, cache="dual"),
+        "genjo_fast dual": run(genjo_fast.generate, 16, cache="dual"),
+        "genjo_fast dual graph": run(genjo_fast.generate, 16, cache="dual", cuda_graph=True)}
+    sides = bench.measure(sides, repeats=3, memory=True, warmup_sides=warmup)
+    bench.assert_equal(sides["genjo_fast dual"].out, sides["statement dual"].out,
+                       "cache=dual: tokens identical to its plain statement")
+    bench.assert_equal(sides["genjo_fast dual graph"].out, sides["genjo_fast dual"].out,
+                       "cuda_graph=True: tokens identical to the same cache without it")
+    per_step = {name: side.median / (ref_steps if name == "reference" else steps)
+                for name, side in sides.items()}
+    for name, seconds in per_step.items():
+        bench.figure(f"{name} per step", seconds, "s")
+    bench.figure("step speed-up (graph vs reference)",
+                 per_step["reference"] / per_step["genjo_fast dual graph"], "x")
+    bench.ratio("graph vs statement", "statement dual", "genjo_fast dual graph")

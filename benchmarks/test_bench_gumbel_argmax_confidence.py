@@ -10,10 +10,13 @@ One sampling step on ``rows`` positions of 126464 bf16 logits (1024 rows: a batc
 * ``triton``: the kernel, exact confidence (bf16 rows near a rounding boundary recomputed);
 * ``triton_fp32``: the kernel, ``exact_confidence=False`` (no fallback, no host sync).
 
-Each case stores its time, the bandwidth ``bytes of logits read / time`` and, in the same run,
-the device copy bandwidth (``2 * bytes / time`` of a 1 GiB clone) and the speed-up over the
-reference. The GPU cases need CUDA; ``test_bench_tiny`` runs everywhere (on CPU through the
-Triton interpreter). Run with
+All four are timed side by side in one case; each case records their times, the bandwidth
+``bytes of logits read / time``, the device copy bandwidth (``2 * bytes / time`` of a 1 GiB
+clone, same run) and the speed-ups over the reference. Checks: at temperature 0 every side
+picks the reference's tokens; the confidence is the reference's ``softmax(logits)[x0]`` in
+bf16 bit for bit (``triton_fp32``: the float64 softmax within rtol 1e-5), at temperature 1 for
+each side's own (random) tokens. The GPU cases need CUDA; ``test_bench_tiny`` runs everywhere
+(on CPU through the Triton interpreter). Run with
 ``pytest benchmarks/test_bench_gumbel_argmax_confidence.py --benchmark-only -s``.
 """
 import pytest
@@ -23,16 +26,20 @@ pytest.importorskip("triton")
 
 import torch.nn.functional as F  # noqa: E402
 
-from genjo_fast import sampling  # noqa: E402
+from genjo_fast import sampling, timing  # noqa: E402
 from genjo_fast.kernels import gumbel_argmax_confidence as gk  # noqa: E402
 
 VOCAB = 126464
-_seconds = {}
-_copy = {}
 
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(),
     reason="GPU benchmark: needs CUDA (test_bench_tiny runs without it)")
+
+
+def confidence_of(logits, x0):
+    """The reference's confidence of the chosen tokens: ``softmax(logits)[x0]`` in the logits'
+    dtype."""
+    return torch.gather(F.softmax(logits, dim=-1), -1, x0[..., None]).squeeze(-1)
 
 
 def reference_step(logits, temperature):
@@ -43,8 +50,7 @@ def reference_step(logits, temperature):
         u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device)
         noised = logits.to(torch.float64).exp() / (-torch.log(u)) ** temperature
     x0 = noised.argmax(-1)
-    p = F.softmax(logits, dim=-1)
-    return x0, torch.gather(p, -1, x0[..., None]).squeeze(-1)
+    return x0, confidence_of(logits, x0)
 
 
 IMPLS = {
@@ -58,85 +64,72 @@ IMPLS = {
 }
 
 
-def cuda_seconds(fn, reps=20):
-    """Median of ``reps`` timings with CUDA events (after a warm-up)."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop) / 1e3)
-    return sorted(times)[len(times) // 2]
+def check_sides(bench, sides, logits, temperature):
+    """Every side against the reference's statements (see the module's docstring)."""
+    for name, side in sides.items():
+        if name == "reference":
+            continue
+        x0, conf = side.out
+        bench.check(bool(((x0 >= 0) & (x0 < logits.shape[-1])).all()),
+                    f"{name}: tokens in the vocabulary")
+        if temperature == 0:
+            bench.assert_equal(x0, sides["reference"].out[0], f"{name}: the reference's tokens")
+        if name == "triton_fp32":
+            want = torch.gather(torch.softmax(logits.double(), -1), -1, x0[..., None])
+            bench.assert_close(conf.double(), want.squeeze(-1),
+                               f"{name}: confidence = float64 softmax at its tokens",
+                               atol=1e-30, rtol=1e-5)
+        else:
+            bench.assert_equal(conf, confidence_of(logits, x0),
+                               f"{name}: confidence = the reference's softmax at its tokens")
+
+
+_copy = {}
 
 
 def copy_bandwidth():
     """Device copy bandwidth in bytes/s: ``2 * bytes / time`` of a 1 GiB clone."""
     if "bw" not in _copy:
         x = torch.empty(2**29, dtype=torch.bfloat16, device="cuda")
-        _copy["bw"] = 2 * x.numel() * x.element_size() / cuda_seconds(lambda: x.clone())
-        del x
+        side = timing.measure({"copy": x.clone}, x.device, repeats=20)["copy"]
+        _copy["bw"] = 2 * x.numel() * x.element_size() / side.median
+        del x, side
     return _copy["bw"]
 
 
-# The reference runs first in each case so that the speed-ups come from the same run.
 @needs_cuda
-@pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["T0", "T1"])
 @pytest.mark.parametrize("rows", [1024, 32], ids=lambda r: f"rows{r}")
-def test_bench_gumbel_argmax_confidence_cuda(benchmark, rows, temperature, impl):
+def test_bench_gumbel_argmax_confidence_cuda(bench, rows, temperature):
     g = torch.Generator(device="cuda").manual_seed(0)
     logits = (torch.randn(1, rows, VOCAB, generator=g, device="cuda") * 3).to(torch.bfloat16)
-    fn = IMPLS[impl]
-    x0, conf = fn(logits, temperature)  # also compiles the kernel before timing
-    if impl.startswith("triton") and temperature == 0:  # a wrong kernel must not post a time
-        ref_x0, ref_conf = reference_step(logits, 0.0)
-        assert torch.equal(x0, ref_x0)
-        if impl == "triton":
-            assert torch.equal(conf, ref_conf)
-
-    def call():
-        fn(logits, temperature)
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(call, rounds=20, iterations=1, warmup_rounds=3)
-    seconds = benchmark.stats.stats.median
+    bench.describe(dict(rows=rows, temperature=temperature), rows=rows, vocab=VOCAB,
+                   temperature=temperature, dtype="bfloat16")
+    copy = copy_bandwidth()
+    sides = bench.measure({name: (lambda fn=fn: fn(logits, temperature))
+                           for name, fn in IMPLS.items()}, repeats=20)
+    check_sides(bench, sides, logits, temperature)
     read = logits.numel() * logits.element_size()
-    bandwidth, copy = read / seconds, copy_bandwidth()
-    _seconds[rows, temperature, impl] = seconds
-    benchmark.extra_info.update(impl=impl, rows=rows, vocab=VOCAB, temperature=temperature,
-                                seconds=seconds, gb_per_s=bandwidth / 1e9,
-                                copy_gb_per_s=copy / 1e9, fraction_of_copy=bandwidth / copy,
-                                device=torch.cuda.get_device_name())
-    ref = _seconds.get((rows, temperature, "reference"))
-    if ref is not None and impl != "reference":
-        benchmark.extra_info["speedup_vs_reference"] = ref / seconds
-        print(f"\nrows {rows} T{temperature:g} {impl}: {seconds * 1e6:.0f} us, "
-              f"{bandwidth / 1e9:.0f} GB/s ({bandwidth / copy:.0%} of copy "
-              f"{copy / 1e9:.0f} GB/s), {ref / seconds:.1f}x reference")
+    bench.figure("copy bandwidth", copy / 1e9, "GB/s")
+    for name, side in sides.items():
+        bench.figure(f"{name} bandwidth", read / side.median / 1e9, "GB/s")
+        if name != "reference":
+            bench.ratio(f"{name} vs reference", "reference", name)
+    bench.figure("triton fraction of copy", 100 * read / sides["triton"].median / copy, "%")
 
 
-def test_bench_tiny(benchmark):
+def test_bench_tiny(bench):
     """4 rows x 1000 bf16 logits at temperature 0: through the interpreter on CPU (no GPU),
     else on the GPU."""
     device = torch.device("cpu" if gk._INTERPRETED else "cuda")
-    reason = gk.is_available(device)
+    reason = gk.unavailable_reason(device)
     if reason is not None:
         pytest.skip(f"the kernel cannot run on {device}: {reason}")
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(1, 4, 1000, generator=g) * 3).to(device, torch.bfloat16)
-
-    def call():
-        out = gk.gumbel_argmax_confidence(logits, temperature=0.0, remasking="low_confidence")
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return out
-
-    x0, conf = benchmark.pedantic(call, rounds=3, iterations=1, warmup_rounds=1)
-    ref_x0, ref_conf = reference_step(logits, 0.0)
-    assert torch.equal(x0, ref_x0) and torch.equal(conf, ref_conf)
-    benchmark.extra_info.update(impl="triton-interpreter" if gk._INTERPRETED else "triton",
-                                seconds=benchmark.stats.stats.median, device=str(device))
+    bench.describe(dict(rows=4, vocab=1000, kernel="interpreter" if gk._INTERPRETED
+                        else "compiled"), rows=4, vocab=1000, temperature=0.0,
+                   dtype="bfloat16", interpreter=gk._INTERPRETED)
+    sides = bench.measure({name: (lambda fn=IMPLS[name]: fn(logits, 0.0))
+                           for name in ("reference", "triton")}, repeats=3, device=device)
+    check_sides(bench, sides, logits, 0.0)

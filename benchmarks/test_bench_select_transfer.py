@@ -8,8 +8,9 @@ top-k rule with a per-row k as the reference's schedule gives it:
 * ``triton``: the Triton kernel (one launch, rank counting);
 * ``cuda``: the CUDA extension's op (``genjo_fast._C``), when built.
 
-Each case stores its time and its speed-up over the reference (same run). The GPU cases need
-CUDA; ``test_bench_tiny`` runs everywhere (on CPU through the Triton interpreter). Run with
+All sides are timed side by side in one case; each must select exactly the reference loop's
+positions (the confidences have no ties). The GPU cases need CUDA; ``test_bench_tiny`` runs
+everywhere (on CPU through the Triton interpreter). Run with
 ``pytest benchmarks/test_bench_select_transfer.py --benchmark-only -s``.
 """
 import pytest
@@ -21,7 +22,6 @@ from genjo_fast import cuda_ext, sampling  # noqa: E402
 from genjo_fast.kernels import select_transfer as sk  # noqa: E402
 
 BATCH = 32
-_seconds = {}
 
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -37,10 +37,6 @@ def reference_loop(confidence, num_transfer):
     return transfer
 
 
-IMPLS = {"reference": reference_loop, "torch": sampling.select_transfer,
-         "triton": sk.select_transfer, "cuda": cuda_ext.select_transfer}
-
-
 def make_inputs(batch, block, device):
     g = torch.Generator().manual_seed(block)
     confidence = torch.rand(batch, block, generator=g)
@@ -50,50 +46,44 @@ def make_inputs(batch, block, device):
     return confidence.to(device), k.to(device)
 
 
-# The reference runs first in each case so that the speed-ups come from the same run.
+def check_against_reference(bench, sides):
+    for name, side in sides.items():
+        if name != "reference":
+            bench.assert_equal(side.out, sides["reference"].out,
+                               f"{name}: the reference loop's positions")
+
+
 @needs_cuda
-@pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("block", [32, 256], ids=lambda n: f"block{n}")
-def test_bench_select_transfer_cuda(benchmark, block, impl):
-    if impl == "cuda" and cuda_ext.is_available("cuda") is not None:
-        pytest.skip(cuda_ext.is_available("cuda"))
+def test_bench_select_transfer_cuda(bench, block):
     confidence, k = make_inputs(BATCH, block, torch.device("cuda"))
-    fn = IMPLS[impl]
-    got = fn(confidence, k)  # also compiles the kernel before timing
-    assert torch.equal(got, sampling.select_transfer(confidence, k))
-
-    def call():
-        fn(confidence, k)
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(call, rounds=50, iterations=1, warmup_rounds=5)
-    seconds = benchmark.stats.stats.median
-    _seconds[block, impl] = seconds
-    benchmark.extra_info.update(impl=impl, batch=BATCH, block=block, seconds=seconds,
-                                device=torch.cuda.get_device_name())
-    ref = _seconds.get((block, "reference"))
-    if ref is not None and impl != "reference":
-        benchmark.extra_info["speedup_vs_reference"] = ref / seconds
-        print(f"\nbatch {BATCH} block {block} {impl}: {seconds * 1e6:.1f} us, "
-              f"{ref / seconds:.1f}x reference")
+    impls = {"reference": reference_loop, "torch": sampling.select_transfer,
+             "triton": sk.select_transfer}
+    missing = cuda_ext.unavailable_reason("cuda")  # None when the extension is built
+    if missing is None:
+        impls["cuda"] = cuda_ext.select_transfer
+    bench.describe(dict(batch=BATCH, block=block), batch=BATCH, block=block,
+                   cuda_extension=missing or "timed")
+    sides = bench.measure({name: (lambda fn=fn: fn(confidence, k)) for name, fn in impls.items()},
+                          repeats=50)
+    check_against_reference(bench, sides)
+    for name in sides:
+        if name != "reference":
+            bench.ratio(f"{name} vs reference", "reference", name)
 
 
-def test_bench_tiny(benchmark):
+def test_bench_tiny(bench):
     """Batch 4, block 32: the Triton kernel through the interpreter on CPU (no GPU), else on
     the GPU."""
     device = torch.device("cpu" if sk._INTERPRETED else "cuda")
-    reason = sk.is_available(device)
+    reason = sk.unavailable_reason(device)
     if reason is not None:
         pytest.skip(f"the kernel cannot run on {device}: {reason}")
     confidence, k = make_inputs(4, 32, device)
-
-    def call():
-        out = sk.select_transfer(confidence, k)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return out
-
-    got = benchmark.pedantic(call, rounds=3, iterations=1, warmup_rounds=1)
-    assert torch.equal(got.cpu(), reference_loop(confidence.cpu(), k.cpu()))
-    benchmark.extra_info.update(impl="triton-interpreter" if sk._INTERPRETED else "triton",
-                                seconds=benchmark.stats.stats.median, device=str(device))
+    bench.describe(dict(batch=4, block=32,
+                        kernel="interpreter" if sk._INTERPRETED else "compiled"),
+                   batch=4, block=32, interpreter=sk._INTERPRETED)
+    sides = bench.measure({"reference": lambda: reference_loop(confidence, k),
+                           "triton": lambda: sk.select_transfer(confidence, k)},
+                          repeats=3, device=device)
+    check_against_reference(bench, sides)

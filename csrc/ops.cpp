@@ -60,7 +60,7 @@ void select_rows_cpu(const at::Tensor& confidence, const int64_t* k, int rule, d
     int64_t first_fail = n;
     for (int64_t i = 0; i < n; ++i) {
       int64_t r = 0;
-      for (int64_t j = 0; j < n; ++j) r += (vals[j] > vals[i]) || (vals[j] == vals[i] && j < i);
+      for (int64_t j = 0; j < n; ++j) r += precedes(vals[j], j, vals[i], i);
       ranks[i] = r;
       if (rule == kFactor && factor_fails(vals[i], r, factor)) first_fail = std::min(first_fail, r);
     }

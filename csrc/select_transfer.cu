@@ -42,10 +42,7 @@ __global__ void select_transfer_kernel(const scalar_t* __restrict__ conf, int64_
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     const acc_t v = vals[i];
     int r = 0;
-    for (int j = 0; j < n; ++j) {
-      const acc_t w = vals[j];
-      r += (w > v) || (w == v && j < i);
-    }
+    for (int j = 0; j < n; ++j) r += precedes(vals[j], j, v, i);
     ranks[i] = r;
     if (rule == kFactor && factor_fails(v, r, factor)) atomicMin(&first_fail, r);
   }

@@ -1,4 +1,4 @@
-"""genjo_fast: fast, exact sampling for masked-diffusion language models (Genjo / LLaDA).
+"""genjo_fast: fast, exact sampling for masked-diffusion language models (LLaDA, Dream).
 
 ``from genjo_fast import generate`` is a drop-in replacement for the reference ``generate``.
 ``mdlm_generate`` samples transformers masked LMs (MDLM, DiffuGPT); with transformers
@@ -28,9 +28,12 @@ def _import_source_tree_kernels() -> None:
 
 _import_source_tree_kernels()
 
-from . import reference  # noqa: E402
-from .backends import available_backends  # noqa: E402
+from . import reference, reference_dream  # noqa: E402
+from .backends import accepted_backends, backend_status  # noqa: E402
+from .dispatch import BackendStatus  # noqa: E402
 from .draws import TensorDraws, TorchDraws  # noqa: E402
+from .dream import diffusion_generate  # noqa: E402
+from .dream_settings import DreamGenerateOutput  # noqa: E402
 from .engine import GenerateStats, StepEvent  # noqa: E402
 from .generate import generate  # noqa: E402
 from .likelihood import get_log_likelihood, get_log_likelihoods, is_greedy_continuation  # noqa: E402
@@ -41,7 +44,9 @@ from .registration import install as _install_pipeline_registration  # noqa: E40
 _install_pipeline_registration()
 
 __version__ = "0.1.0"
-__all__ = ["generate", "reference", "StepEvent", "GenerateStats", "TensorDraws", "TorchDraws",
+__all__ = ["generate", "diffusion_generate", "DreamGenerateOutput", "reference",
+           "reference_dream", "StepEvent", "GenerateStats", "TensorDraws", "TorchDraws",
            "get_log_likelihood", "get_log_likelihoods", "is_greedy_continuation",
-           "available_backends", "mdlm_generate", "mdlm_semi_autoregressive", "MDLMStats",
-           "TensorMDLMDraws", "TorchMDLMDraws", "__version__"]
+           "accepted_backends", "backend_status", "BackendStatus", "mdlm_generate",
+           "mdlm_semi_autoregressive", "MDLMStats", "TensorMDLMDraws", "TorchMDLMDraws",
+           "__version__"]

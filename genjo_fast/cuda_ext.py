@@ -3,8 +3,8 @@
 Importing ``genjo_fast._C`` loads a library whose ``TORCH_LIBRARY`` registrations define
 ``torch.ops.genjo_fast.select_transfer`` (CUDA and CPU kernels); the fake (meta) implementation
 that ``torch.compile`` and ``FakeTensorMode`` need is registered here. Without the extension
-(not built, or built against another torch) :func:`is_available` says why and genjo_fast runs on
-its Triton and torch backends.
+(not built, or built against another torch) :func:`unavailable_reason` says why and
+genjo_fast runs on its Triton and torch backends.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .kernels.select_transfer import check_select_transfer_args
+from .kernels.select_transfer import check_select_transfer_args, select_transfer_fake
 
 try:
     _C = importlib.import_module("genjo_fast._C")  # loading the library registers the ops
@@ -24,23 +24,12 @@ else:
     IMPORT_ERROR = None
 
 
-def _register_fake() -> None:
-    """Shape/dtype propagation of the ops, for meta tensors, FakeTensorMode and torch.compile."""
-    if not hasattr(torch.library, "register_fake"):  # torch < 2.4: eager use only
-        return
-
-    @torch.library.register_fake("genjo_fast::select_transfer")
-    def _select_transfer_fake(confidence, num_transfer=None, threshold=None, factor=None):
-        check_select_transfer_args(confidence, num_transfer, threshold, factor)
-        return confidence.new_empty(confidence.shape, dtype=torch.bool)
+if _C is not None:  # shape/dtype propagation for meta tensors, FakeTensorMode, torch.compile
+    torch.library.register_fake("genjo_fast::select_transfer")(select_transfer_fake)
 
 
-if _C is not None:
-    _register_fake()
-
-
-def is_available(device) -> Optional[str]:
-    """``None`` when the extension's ops can run on ``device``, else the reason they cannot."""
+def unavailable_reason(device) -> Optional[str]:
+    """Why the extension's ops cannot run on ``device``; ``None`` when they can."""
     device = torch.device(device)
     if _C is None:
         return (f"the CUDA extension was not built ({IMPORT_ERROR}); reinstall with "
@@ -66,7 +55,8 @@ def select_transfer(confidence: torch.Tensor, num_transfer: Optional[torch.Tenso
         bool ``(B, N)`` transfer mask.
     """
     if _C is None:
-        raise RuntimeError(f"genjo_fast's CUDA extension is unavailable: {is_available('cuda')}")
+        raise RuntimeError(f"genjo_fast's CUDA extension is unavailable: "
+                           f"{unavailable_reason('cuda')}")
     check_select_transfer_args(confidence, num_transfer, threshold, factor)
     return torch.ops.genjo_fast.select_transfer(
         confidence, num_transfer,

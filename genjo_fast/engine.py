@@ -33,7 +33,9 @@ The parts' contracts:
   returns the bool ``(B, n)`` transfer mask from the confidences (``-inf`` where not masked).
   Optionally ``plan(x_window, masked, step)`` -> bool ``(B, n)``, the positions the step may
   write (see above); ``plan`` and ``__call__`` of one step are paired (a rule may keep what its
-  plan drew for its call). Rules without ``plan`` write masked positions only.
+  plan drew for its call). Rules without ``plan`` write masked positions only. Optionally
+  ``begin(window)``, called on the host when a window starts (a rule whose draws or time
+  grid depend on the window's positions).
 """
 from __future__ import annotations
 
@@ -148,8 +150,11 @@ def denoise_steps(x: torch.Tensor, windows: Iterable[Window], runner: Runner, sa
     Args: those of :func:`denoise`, and ``stats``, a :class:`GenerateStats` counted into.
     """
     stats = stats if stats is not None else GenerateStats()
+    begin = getattr(rule, "begin", None)
     for window in windows:
         start, stop = window.start, window.stop
+        if begin is not None:
+            begin(window)
         replay = None
         if graph_step is not None:
             replay = graph_step(lambda: denoise_step(x, start, stop, -1, False, runner, sampler,

@@ -127,7 +127,7 @@ MODEL_ARGS = {
 #: Keywords of :func:`genjo_fast.generate` that the harness sets itself (not model args).
 _SET_BY_HARNESS = {"model", "prompt", "attention_mask", "steps", "gen_length", "block_length",
                    "temperature", "cfg_scale", "remasking", "mask_id", "backend", "progress",
-                   "observer", "generator", "draws", "return_stats"}
+                   "observer", "streamer", "generator", "draws", "return_stats"}
 
 #: The other keywords of :func:`genjo_fast.generate`, model args too, with their meaning.
 GENERATE_OPTIONS = {

@@ -35,6 +35,7 @@ from .draws import Draws
 from .engine import GenerateStats, StepEvent, Window, denoise, progress_bar
 from .models import LLaDAModel, from_reference, is_llada
 from .runners import FullForward
+from .streaming import StreamAdapter
 from .transfer import AdaptiveRule, FixedSchedule, transfer_schedule
 from .validation import (check_approximate_args, check_cuda_graph_args, check_generate_args,
                          check_generator, check_model_not_meta, check_vocab_size)
@@ -112,7 +113,7 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
              cache: Optional[str] = None, refresh_every: Optional[int] = None,
              threshold: Optional[float] = None, factor: Optional[float] = None,
              cuda_graph: bool = False,
-             observer: Optional[Callable[[StepEvent], None]] = None,
+             observer: Optional[Callable[[StepEvent], None]] = None, streamer=None,
              progress: bool = False, return_stats: bool = False):
     """Masked-diffusion sampling, a drop-in replacement for the reference ``generate``.
 
@@ -178,6 +179,13 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
             schedule has such steps (e.g. 32 steps over 16 tokens: 16 calls). With
             ``cuda_graph`` its tensors are the graph's outputs, overwritten by the next
             replay.
+        streamer: a transformers-style streamer (``put``, ``end``, optionally ``put_draft``:
+            ``transformers.TextStreamer``, ``TextIteratorStreamer``, ``TextDiffusionStreamer``
+            (batch 1), :class:`genjo_fast.streaming.DiffusionIteratorStreamer` (any batch)):
+            ``put(prompt)``, then after every step ``put(ids)`` when the decoded prefix of the
+            answer grew and ``put_draft(rest of the answer, masks included)``, then ``end()``
+            (:mod:`genjo_fast.streaming`). One host copy of the answer per step; none without
+            a streamer.
         progress: show a progress bar over the steps, skipped ones included (needs ``tqdm``).
         return_stats: also return a :class:`GenerateStats` (``nfe``, ``full_forwards``).
     Returns:
@@ -192,6 +200,7 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
     check_generate_args(prompt, attention_mask, steps, gen_length, block_length, temperature,
                         cfg_scale, remasking, mask_id, token_ids)
     check_approximate_args(cache, refresh_every, threshold, factor)
+    stream = StreamAdapter(streamer, mask_id) if streamer is not None else None
     check_model_not_meta(model)
     check_vocab_size(model_vocab_size(model), mask_id, token_ids, "the model's vocab_size",
                      prompt)
@@ -236,11 +245,16 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
     random = temperature > 0 or remasking == "random"
     graph_step = graph_steps(generator if random else None, device) if cuda_graph else None
     bar = progress_bar(progress, None if adaptive else steps, "genjo_fast.generate")
+    if stream is not None:
+        stream.begin(prompt)
+        observer = stream.observer(prompt_len, observer)
     stats = denoise(x, windows, runner, sampler, rule, mask_id=mask_id,
                     refresh_every=refresh_every, cached=cache is not None,
                     graph_step=graph_step, observer=observer, bar=bar)
     if bar is not None:
         bar.close()
+    if stream is not None:
+        stream.finish(x[:, prompt_len:])
     if return_stats:
         return x, stats
     return x

@@ -215,7 +215,6 @@ def generate_approximate(model, prompt, attention_mask=None, steps=128, gen_leng
     batch, prompt_len = prompt.shape
     x, attention_mask = init_sequence(prompt, attention_mask, gen_length, mask_id, device)
     prompt_index = x != mask_id
-    seq_len = x.shape[1]
     num_blocks = gen_length // block_length
     adaptive = threshold is not None or factor is not None
     steps_per_block = block_length if adaptive else steps // num_blocks
@@ -225,7 +224,7 @@ def generate_approximate(model, prompt, attention_mask=None, steps=128, gen_leng
         stop = start + block_length
         num_transfer_tokens = get_num_transfer_tokens(x[:, start:stop] == mask_id,
                                                       steps_per_block)
-        cache_k = cache_v = None
+        kv = PlainKVCache(model, cache)
         i = 0
         while (x[:, start:stop] == mask_id).any() if adaptive else i < steps_per_block:
             step = num_block * steps_per_block + i
@@ -235,30 +234,9 @@ def generate_approximate(model, prompt, attention_mask=None, steps=128, gen_leng
                 mask_ = None if attention_mask is None else torch.cat([attention_mask] * 2, 0)
 
             if cache is None or i == 0 or (refresh_every is not None and i % refresh_every == 0):
-                kept = []
-
-                def keep(layer, k, v):
-                    kept.append((k.contiguous(), v.contiguous()))
-                    return k, v
-
-                hidden = model.forward_hidden(x_, mask_, kv_hook=keep)[:, start:stop]
-                cache_k = [k for k, _ in kept]
-                cache_v = [v for _, v in kept]
+                hidden = kv.full(x_, mask_)[:, start:stop]
             else:
-                end = seq_len if cache == "prefix" else stop
-
-                def attend_cached(layer, k, v):
-                    keys = torch.cat([cache_k[layer][:, :, :start], k,
-                                      cache_k[layer][:, :, end:]], dim=2)
-                    values = torch.cat([cache_v[layer][:, :, :start], v,
-                                        cache_v[layer][:, :, end:]], dim=2)
-                    if cache == "dual":  # the block's fresh K/V replace its slots
-                        cache_k[layer], cache_v[layer] = keys, values
-                    return keys, values
-
-                positions = torch.arange(start, end, device=device)
-                hidden = model.forward_hidden(x_[:, start:end], mask_, positions=positions,
-                                              kv_hook=attend_cached)[:, :stop - start]
+                hidden = kv.rows(x_, mask_, start, stop)[:, :stop - start]
             logits = model.lm_head(hidden)  # (B or 2B, block_length, V)
             if cfg_scale > 0.:
                 logits, un_logits = torch.chunk(logits, 2, dim=0)
@@ -285,3 +263,50 @@ def generate_approximate(model, prompt, attention_mask=None, steps=128, gen_leng
                 block[j, select_index] = x0[j, select_index]
             i += 1
     return x
+
+
+class PlainKVCache:
+    """The approximate modes' cache, stated plainly: the per-layer K/V kept from the last full
+    forward, concatenated around the fresh K/V of the rows that run.
+
+    ``model`` is a genjo_fast model with ``forward_hidden(ids, key_mask, positions,
+    kv_hook=...)`` (LLaDA or Dream); ``mode`` is ``"prefix"`` or ``"dual"``; ``positions``,
+    when given, are the rows' RoPE positions ``(B, L)`` (Dream's, with padding).
+    """
+
+    def __init__(self, model, mode: Optional[str], positions: Optional[torch.Tensor] = None):
+        self.model = model
+        self.mode = mode
+        self.positions = positions
+        self.k = self.v = None
+
+    def full(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Hidden states ``(B, L, d)`` of a full forward, whose K/V are kept."""
+        kept = []
+
+        def keep(layer, k, v):
+            kept.append((k.contiguous(), v.contiguous()))
+            return k, v
+
+        hidden = self.model.forward_hidden(x, mask, self.positions, kv_hook=keep)
+        self.k = [k for k, _ in kept]
+        self.v = [v for _, v in kept]
+        return hidden
+
+    def rows(self, x: torch.Tensor, mask: Optional[torch.Tensor], a: int,
+             stop: int) -> torch.Tensor:
+        """Hidden states of the rows that run, ``[a, L)`` (``prefix``) or ``[a, stop)``
+        (``dual``), attending to the kept K/V of the other positions; with ``dual`` the rows'
+        fresh K/V replace their slots in the kept ones."""
+        end = x.shape[1] if self.mode == "prefix" else stop
+
+        def attend_cached(layer, k, v):
+            keys = torch.cat([self.k[layer][:, :, :a], k, self.k[layer][:, :, end:]], dim=2)
+            values = torch.cat([self.v[layer][:, :, :a], v, self.v[layer][:, :, end:]], dim=2)
+            if self.mode == "dual":
+                self.k[layer], self.v[layer] = keys, values
+            return keys, values
+
+        positions = (torch.arange(a, end, device=x.device) if self.positions is None
+                     else self.positions[:, a:end])
+        return self.model.forward_hidden(x[:, a:end], mask, positions, kv_hook=attend_cached)

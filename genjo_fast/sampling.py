@@ -1,11 +1,13 @@
-"""Torch backend of the two per-step ops: sample (x0 and its confidence) and select transfer.
+"""Torch backend of the per-step ops: sample (x0 and its confidence; LLaDA's and Dream's
+samplers) and select transfer.
 
-Both ops reproduce the reference's arithmetic exactly (same torch ops in the same dtypes), but
+The ops reproduce the reference's arithmetic exactly (same torch ops in the same dtypes), but
 only on the rows of the current block and in chunks of rows, so no ``(B, L, V)`` float64
 tensor is ever built. They run on any device and are the oracle of the Triton/CUDA kernels.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -104,11 +106,24 @@ def sample_categorical(logits: torch.Tensor, temperature: float,
     if temperature != 1:
         weights.div_(temperature)
     cdf = torch.cumsum(weights.exp_(), -1, out=weights)  # (..., V), unnormalised
-    u = torch.rand(cdf.shape[:-1] + (1,), dtype=torch.float64, device=logits.device,
+    u = torch.rand(cdf.shape[:-1], dtype=torch.float64, device=logits.device,
                    generator=generator)
-    # right=True skips zero-probability ids (equal consecutive cdf values); u < total.
-    index = torch.searchsorted(cdf, u.mul_(cdf[..., -1:]), right=True).squeeze(-1)
-    return index.clamp_(max=logits.shape[-1] - 1)
+    return inverse_cdf(cdf, u)
+
+
+def inverse_cdf(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The draw convention of genjo_fast's samplers: the first id whose cumulative weight
+    exceeds ``u`` times the total.
+
+    Args:
+        cdf: float64 ``(..., V)``, the running sum of non-negative (unnormalised) weights.
+        u: float64 ``(...)`` uniforms in ``[0, 1)``, one per row.
+    Returns:
+        int64 ``(...)``: ``searchsorted(cdf, u * cdf[-1], right=True)`` (ids of weight 0, equal
+        consecutive cdf values, are never drawn), clamped to ``V - 1``.
+    """
+    index = torch.searchsorted(cdf, (u[..., None] * cdf[..., -1:]), right=True).squeeze(-1)
+    return index.clamp_(max=cdf.shape[-1] - 1)
 
 
 def softmax_confidence(logits: torch.Tensor, x0: torch.Tensor, temperature: float,
@@ -146,9 +161,11 @@ def select_transfer(confidence: torch.Tensor, num_transfer: Optional[torch.Tenso
       the largest prefix of ``n >= 1`` positions whose ``n``-th confidence satisfies
       ``c_n >= 1 - factor / (n + 1)`` (Fast-dLLM's factor decoding).
 
-    Equal confidences are ordered by position, lowest first. Positions holding ``-inf`` (not
-    masked, or outside the block) are never selected; a row without any finite entry selects
-    nothing.
+    Equal confidences are ordered by position, lowest first; NaN counts above every number
+    (torch's sort order: top-k takes NaN entries first, the threshold and factor rules never
+    select them). Positions holding ``-inf`` (not masked, or outside the block) are never
+    selected while ``num_transfer`` is at most the number of entries above ``-inf``; a row
+    without any such entry selects nothing.
 
     Args:
         confidence: ``(B, N)`` float.
@@ -171,3 +188,180 @@ def select_transfer(confidence: torch.Tensor, num_transfer: Optional[torch.Tenso
     passes[:, 0] = True  # at least one position
     prefix = passes.long().cumprod(1).sum(1, keepdim=True)  # n
     return candidate & (rank < prefix)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dream (Dream-7B family): upstream's ``sample_tokens`` with its three confidences.
+# ---------------------------------------------------------------------------------------------
+
+DREAM_CONFIDENCES = ("prob", "margin", "neg_entropy")
+#: upstream's epsilon in the negative entropy ``sum p * log(p + eps)``
+DREAM_ENTROPY_EPS = 1e-10
+
+
+def check_dream_sample_args(logits, temperature, confidence, top_p, top_k) -> None:
+    """Validates :func:`dream_sample`'s arguments (shared with the Triton kernel's launcher)."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 3:
+        raise ValueError(f"logits must have shape (batch, positions, vocab), "
+                         f"got {tuple(logits.shape)}")
+    if not logits.dtype.is_floating_point:
+        raise TypeError(f"logits must be a floating-point tensor, got {logits.dtype}")
+    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+            or not math.isfinite(temperature) or temperature < 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if confidence not in DREAM_CONFIDENCES:
+        raise ValueError(f"confidence must be one of {DREAM_CONFIDENCES}, got {confidence!r}")
+    if confidence == "margin" and logits.shape[-1] < 2:
+        raise ValueError(f"confidence='margin' needs a vocabulary of at least 2 ids, "
+                         f"got {logits.shape[-1]}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                              or not math.isfinite(top_p)):
+        raise ValueError(f"top_p must be None or a finite number, got {top_p!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                              or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+
+
+def dream_probs(logits: torch.Tensor, temperature: float, top_p: Optional[float] = None,
+                top_k: Optional[int] = None) -> torch.Tensor:
+    """Upstream's distribution of a row, in the logits' dtype: ``logits / temperature`` (only
+    when ``temperature > 0``), the top-p filter (only when ``top_p < 1``), the top-k filter,
+    each setting the removed logits to the dtype's minimum, then ``softmax``.
+
+    Top-p: with the logits sorted in decreasing order, those whose cumulative softmax
+    probability (computed in the dtype) exceeds ``top_p`` are removed, except the first of them
+    and the most probable id. Top-k: logits below the ``min(top_k, V)``-th largest are removed
+    (ties at that value kept).
+
+    Args:
+        logits: ``(..., V)`` float (not modified).
+    Returns:
+        ``(..., V)`` probabilities in the logits' dtype.
+    """
+    if temperature > 0:
+        logits = logits / temperature
+    lowest = torch.finfo(logits.dtype).min
+    if top_p is not None and top_p < 1:
+        ordered, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+        drop = torch.cumsum(F.softmax(ordered, dim=-1), dim=-1) > top_p
+        drop = torch.cat([torch.zeros_like(drop[..., :1]), drop[..., :-1]], dim=-1)
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter_(-1, order, drop), lowest)
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, lowest)
+    return F.softmax(logits, dim=-1)
+
+
+def dream_confidence(probs: torch.Tensor, x0: torch.Tensor, confidence: str) -> torch.Tensor:
+    """A row's confidence, in the probabilities' dtype: ``"prob"`` the probability of ``x0``,
+    ``"margin"`` the largest minus the second largest probability, ``"neg_entropy"``
+    ``sum(p * log(p + 1e-10))``.
+
+    Args:
+        probs: ``(..., V)`` from :func:`dream_probs`; x0: int64 ``(...)``.
+    Returns:
+        ``(...)`` in ``probs.dtype``.
+    """
+    if confidence == "prob":
+        return torch.gather(probs, -1, x0[..., None]).squeeze(-1)
+    if confidence == "margin":
+        top = torch.topk(probs, 2, dim=-1).values
+        return top[..., 0] - top[..., 1]
+    return torch.sum(probs * torch.log(probs + DREAM_ENTROPY_EPS), dim=-1)
+
+
+def dream_sample(
+    logits: torch.Tensor,
+    *,
+    temperature: float,
+    confidence: str,
+    top_p: Optional[float] = None,
+    top_k: Optional[int] = None,
+    token_uniform: Optional[Callable[[int, int], torch.Tensor]] = None,
+    generator: Optional[torch.Generator] = None,
+    check_rows: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Dream's ``sample_tokens``: a token per position and its confidence, in upstream's
+    arithmetic (the logits' dtype throughout; see :func:`dream_probs`).
+
+    * ``temperature == 0``: ``x0`` is the id of the largest probability (in the dtype: two
+      logits that differ slightly can round to the same probability, and the lowest id wins).
+    * ``temperature > 0``: ``x0`` is drawn from the probabilities by inverse CDF (the project's
+      draw convention, :func:`inverse_cdf`): the probabilities are summed in float64 along the
+      vocabulary and ``x0`` is the first id whose running sum exceeds ``u`` times the total,
+      with ONE float64 uniform ``u`` per position, from ``token_uniform`` or ``generator``.
+
+    Upstream draws with ``torch.distributions.Categorical`` instead (the same distribution from
+    other random numbers), and falls back to the argmax for the whole call when any row's
+    probabilities fail Categorical's argument check (:func:`categorical_rejects`: a normalised
+    row whose sum, in the dtype, is not within 1e-6 of 1, frequent in bf16). ``check_rows``
+    reproduces that: at ``temperature > 0``, when any of the marked rows is rejected, every
+    row takes the argmax (decided on the device, no host sync).
+
+    Args:
+        logits: ``(B, N, V)`` float logits of the N positions to sample, any strides.
+        temperature: ``>= 0``.
+        confidence: ``"prob"`` (upstream ``maskgit_plus``: the probability of x0),
+            ``"margin"`` (``topk_margin``: top-1 minus top-2 probability) or
+            ``"neg_entropy"`` (``entropy``: ``sum p * log(p + 1e-10)``).
+        top_p, top_k: upstream's filters (``None``: off; ``top_p >= 1`` is off too).
+        token_uniform: ``f(a, b)`` -> float64 ``U(0, 1)`` of shape ``(B, b - a)`` for positions
+            ``a:b``; when ``None``, drawn with ``torch.rand(..., dtype=float64,
+            generator=generator)``.
+        generator: ``torch.Generator`` of those draws, or ``None`` (the global RNG).
+        check_rows: bool ``(B, N)``, the rows of upstream's call (its masked positions), whose
+            Categorical check decides the argmax fallback; ``None``: no fallback.
+    Returns:
+        ``x0``: int64 ``(B, N)``; ``confidence``: ``(B, N)`` in the logits' dtype. Rows of
+        NaN probabilities (NaN or all ``-inf`` logits) have a NaN confidence; their ``x0`` at
+        ``temperature > 0`` is unspecified.
+    Memory: rows are processed in chunks of at most ``_MAX_CHUNK_ELEMENTS`` logits.
+    """
+    check_dream_sample_args(logits, temperature, confidence, top_p, top_k)
+    batch, num_pos, vocab = logits.shape
+    rows_per_chunk = max(1, _MAX_CHUNK_ELEMENTS // max(1, batch * vocab))
+    x0 = torch.empty((batch, num_pos), dtype=torch.long, device=logits.device)
+    conf = torch.empty((batch, num_pos), dtype=logits.dtype, device=logits.device)
+    fallback = check_rows is not None and temperature > 0
+    if fallback:
+        greedy_x0, greedy_conf = torch.empty_like(x0), torch.empty_like(conf)
+        rejected = torch.zeros((), dtype=torch.bool, device=logits.device)
+    for a in range(0, num_pos, rows_per_chunk):
+        b = min(a + rows_per_chunk, num_pos)
+        probs = dream_probs(logits[:, a:b], temperature, top_p, top_k)  # (B, b - a, V)
+        if temperature == 0:
+            chosen = dream_greedy(probs)
+        else:
+            u = (token_uniform(a, b) if token_uniform is not None else
+                 torch.rand((batch, b - a), dtype=torch.float64, device=logits.device,
+                            generator=generator))
+            chosen = inverse_cdf(torch.cumsum(probs, -1, dtype=torch.float64), u)
+        x0[:, a:b] = chosen
+        conf[:, a:b] = dream_confidence(probs, chosen, confidence)
+        if fallback:
+            greedy = dream_greedy(probs)
+            greedy_x0[:, a:b] = greedy
+            greedy_conf[:, a:b] = dream_confidence(probs, greedy, confidence)
+            rejected |= (categorical_rejects(probs) & check_rows[:, a:b]).any()
+    if fallback:  # upstream's bare except: the whole call takes the argmax
+        x0 = torch.where(rejected, greedy_x0, x0)
+        conf = torch.where(rejected, greedy_conf, conf)
+    return x0, conf
+
+
+def categorical_rejects(probs: torch.Tensor) -> torch.Tensor:
+    """Per row, whether ``torch.distributions.Categorical(probs=row)`` rejects it (and
+    ``sample()`` would raise): the normalised row ``p / sum(p)`` (in the dtype) must be finite,
+    non-negative and sum to 1 within 1e-6 in the dtype (the ``simplex`` constraint), and
+    ``multinomial`` needs a positive sum. probs ``(..., V)`` -> bool ``(...)``."""
+    normalised = probs / probs.sum(-1, keepdim=True)
+    simplex = (normalised >= 0).all(-1) & ((normalised.sum(-1) - 1).abs() < 1e-6)
+    return ~(simplex & torch.isfinite(normalised).all(-1))
+
+
+def dream_greedy(probs: torch.Tensor) -> torch.Tensor:
+    """Upstream's choice at temperature 0: the id of the largest probability, the lowest on
+    ties (``probs.max(-1)``; NaN counts as the largest). probs ``(..., V)`` -> int64 ``(...)``."""
+    return probs.max(dim=-1).indices

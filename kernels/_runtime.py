@@ -16,9 +16,9 @@ def is_interpreted(kernel) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
-def availability(device, kernel) -> Optional[str]:
-    """``None`` when ``kernel`` (or ``None`` if triton is missing) can run on ``device``, else
-    the reason it cannot: CUDA tensors when compiled, CPU tensors when interpreted."""
+def kernel_unavailable_reason(device, kernel) -> Optional[str]:
+    """Why ``kernel`` (``None`` if triton is missing) cannot run on ``device``, or ``None`` when
+    it can: CUDA tensors when compiled, CPU tensors when interpreted."""
     device = torch.device(device)
     if kernel is None:
         return "triton is not installed"
@@ -35,3 +35,10 @@ def availability(device, kernel) -> Optional[str]:
                     "triton is imported")
         return None
     return f"device type {device.type!r} is not supported"
+
+
+def require_device(what: str, device, reason: Optional[str]) -> None:
+    """Raises ``RuntimeError`` naming ``what`` (the op) and ``device`` when ``reason`` (from an
+    ``unavailable_reason``) says the op cannot run there."""
+    if reason is not None:
+        raise RuntimeError(f"{what} cannot run on {device}: {reason}")

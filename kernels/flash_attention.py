@@ -21,12 +21,12 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._runtime import availability, is_interpreted
+from ._runtime import is_interpreted, kernel_unavailable_reason, require_device
 
 try:
     import triton
     import triton.language as tl
-except ImportError:  # genjo_fast imports without triton; is_available() then says why
+except ImportError:  # genjo_fast imports without triton; unavailable_reason() says why
     triton = None
     tl = None
 
@@ -131,10 +131,11 @@ _KERNEL = _flash_attn_fwd_kernel if triton is not None else None
 _INTERPRETED = _KERNEL is not None and is_interpreted(_KERNEL)
 
 
-def is_available(device) -> Optional[str]:
-    """``None`` when :func:`flash_attention` can run on ``device``, else the reason it cannot
-    (besides :func:`~genjo_fast.kernels._runtime.availability`: compute capability >= 8.0)."""
-    reason = availability(device, _KERNEL)
+def unavailable_reason(device) -> Optional[str]:
+    """Why :func:`flash_attention` cannot run on ``device`` (besides
+    :func:`~genjo_fast.kernels._runtime.kernel_unavailable_reason`: compute capability
+    >= 8.0); ``None`` when it can."""
+    reason = kernel_unavailable_reason(device, _KERNEL)
     device = torch.device(device)
     if reason is None and device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
@@ -230,9 +231,16 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _check_inputs(q, k, v, key_mask)
     _check_block("block_m", block_m)
     _check_block("block_n", block_n)
-    reason = is_available(q.device)
-    if reason is not None:
-        raise RuntimeError(f"flash_attention cannot run on {q.device}: {reason}")
+    return torch.ops.genjo_fast_triton.flash_attention(q, k, v, key_mask, block_m, block_n)
+
+
+@torch.library.custom_op("genjo_fast_triton::flash_attention", mutates_args=())
+def _flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        key_mask: Optional[torch.Tensor], block_m: Optional[int],
+                        block_n: Optional[int]) -> torch.Tensor:
+    """``torch.ops.genjo_fast_triton.flash_attention``: the kernel launch of
+    :func:`flash_attention` on checked arguments."""
+    require_device("flash_attention", q.device, unavailable_reason(q.device))
 
     batch, q_heads, seqlen_q, head_dim = q.shape
     kv_heads, seqlen_k = k.shape[1], k.shape[2]
@@ -271,3 +279,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         )
     return out
 
+
+@_flash_attention_op.register_fake
+def _flash_attention_fake(q, k, v, key_mask, block_m, block_n) -> torch.Tensor:
+    """Checks the arguments; an empty contiguous ``(B, Hq, Lq, D)`` in ``q``'s dtype."""
+    _check_inputs(q, k, v, key_mask)
+    _check_block("block_m", block_m)
+    _check_block("block_n", block_n)
+    return q.new_empty(q.shape)

@@ -6,7 +6,8 @@
 over the vocabulary once, in ``BLOCK_V`` chunks, keeping per row:
 
 * the running argmax of the keys (ties to the LOWEST index, as ``torch.argmax``: a chunk's
-  maximum replaces the running one only when it is strictly greater);
+  maximum replaces the running one only when it is strictly greater; a NaN key, which
+  ``torch.argmax`` counts above every number, wins: the row's first NaN is its x0);
 * the running max ``m`` and sum ``s`` of the online softmax (log-sum-exp), in float32.
 
 Nothing proportional to ``V`` is allocated. Per chunk the kernel reproduces the reference's
@@ -42,13 +43,14 @@ import torch
 
 from genjo_fast import sampling
 from genjo_fast.contract import combine_cfg
+from genjo_fast.cuda_graph import capturing
 
-from ._runtime import availability, is_interpreted
+from ._runtime import is_interpreted, kernel_unavailable_reason, require_device
 
 try:
     import triton
     import triton.language as tl
-except ImportError:  # genjo_fast imports without triton; is_available() then says why
+except ImportError:  # genjo_fast imports without triton; unavailable_reason() says why
     triton = None
     tl = None
 
@@ -85,11 +87,14 @@ if triton is not None:
 
     @triton.jit
     def _round_to(x, ROUND: tl.constexpr):
-        """float32 ``x`` rounded to nearest-even in bf16 (ROUND=1) / fp16 (2), kept as float32."""
+        """float32 ``x`` rounded to nearest-even in bf16 (ROUND=1) / fp16 (2), kept as float32.
+
+        NaN stays NaN: the bit arithmetic alone would carry a NaN's low mantissa bits into the
+        exponent (the GPU's NaN 0x7FFFFFFF would become -0.0, 0x7F800001 +inf)."""
         if ROUND == 1:
             bits = x.to(tl.uint32, bitcast=True)
             bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-            return bits.to(tl.float32, bitcast=True)
+            return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
         elif ROUND == 2:
             return x.to(tl.float16).to(tl.float32)
         else:
@@ -108,6 +113,21 @@ if triton is not None:
             diff = _round_to(cfg_mult * diff, ROUND)
             l = _round_to(un + diff, ROUND)
         return l
+
+    @triton.jit
+    def _argmax_nan_first(key, idx):
+        """Row-wise ``(max, its lowest index, the lowest index holding NaN)`` of ``key``
+        ``[R, C]`` with indices ``idx`` (broadcastable to it). The max skips NaN; torch.argmax
+        counts NaN above every number, so a row's first NaN, when it has one
+        (``< 2147483647``), is its argmax. Explicit rather than left to ``tl.max``, whose NaN
+        handling differs between the GPU and the interpreter."""
+        nan = key != key
+        first_nan = tl.min(tl.where(nan, idx, 2147483647), 1)  # [R]
+        key = tl.where(nan, float("-inf"), key)
+        key_max = tl.max(key, 1)  # [R]
+        # lowest index holding the maximum (tl.argmax's tie rule, made explicit)
+        max_idx = tl.min(tl.where(key == key_max[:, None], idx, 2147483647), 1)  # [R]
+        return key_max, max_idx, first_nan
 
     @triton.jit
     def _finish_rows(
@@ -203,6 +223,7 @@ if triton is not None:
         else:
             best = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)  # [BLOCK_R]
         best_idx = tl.zeros([BLOCK_R], dtype=tl.int32)  # [BLOCK_R] argmax so far
+        first_nan = tl.full([BLOCK_R], 2147483647, dtype=tl.int32)  # [BLOCK_R] first NaN key
         m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)  # [BLOCK_R] softmax max
         s_i = tl.zeros([BLOCK_R], dtype=tl.float32)  # [BLOCK_R] softmax sum
 
@@ -227,10 +248,8 @@ if triton is not None:
                 key = l.to(tl.float64) - temperature * tl.log(-tl.log(u))  # [BLOCK_R, BLOCK_V]
             else:
                 key = l
-            chunk_max = tl.max(key, 1)  # [BLOCK_R]
-            # lowest column holding the chunk's maximum (tl.argmax's tie rule, made explicit)
-            chunk_idx = tl.min(tl.where(key == chunk_max[:, None], cols[None, :], 2147483647),
-                               1)  # [BLOCK_R]
+            chunk_max, chunk_idx, chunk_nan = _argmax_nan_first(key, cols[None, :])
+            first_nan = tl.minimum(first_nan, chunk_nan)
             better = chunk_max > best  # strictly: an earlier chunk keeps its ties
             best = tl.where(better, chunk_max, best)
             best_idx = tl.where(better, chunk_idx, best_idx)
@@ -251,6 +270,8 @@ if triton is not None:
                 s_i = s_i * tl.exp(m_i - m_shift) + tl.sum(tl.exp(l - m_shift[:, None]), 1)
                 m_i = m_new
 
+        has_nan = first_nan != 2147483647  # [BLOCK_R] a NaN key is the argmax, as in torch
+        best_idx = tl.where(has_nan, first_nan, best_idx)
         if SPLITS == 1:
             _finish_rows(Logits, UnLogits, Seed, X0, Conf, Flag, rows, row_ok, best_idx, m_i,
                          s_i, row_off, un_row_off, stride_lv, stride_uv, cfg_mult, eos_id,
@@ -258,7 +279,8 @@ if triton is not None:
                          SOFTMAX_NO_EOT, LOW_CONF, WRITE_FLAG, ROUND_OUT, ROUND)
         else:
             part = rows64 * SPLITS + split  # [BLOCK_R]
-            tl.store(PartKey + part, best.to(tl.float64), mask=row_ok)
+            tl.store(PartKey + part, tl.where(has_nan, float("nan"), best.to(tl.float64)),
+                     mask=row_ok)
             tl.store(PartIdx + part, best_idx, mask=row_ok)
             tl.store(PartMax + part, m_i, mask=row_ok)
             tl.store(PartSum + part, s_i, mask=row_ok)
@@ -286,8 +308,8 @@ if triton is not None:
         part = rows64[:, None] * SPLITS + splits[None, :]  # [BLOCK_R, BLOCK_S]
         key = tl.load(PartKey + part, mask=ok, other=float("-inf"))  # [BLOCK_R, BLOCK_S]
         idx = tl.load(PartIdx + part, mask=ok, other=2147483647)
-        best = tl.max(key, 1)  # [BLOCK_R]
-        best_idx = tl.min(tl.where(key == best[:, None], idx, 2147483647), 1)  # [BLOCK_R]
+        _, best_idx, first_nan = _argmax_nan_first(key, idx)  # [BLOCK_R]
+        best_idx = tl.where(first_nan != 2147483647, first_nan, best_idx)
         m_j = tl.load(PartMax + part, mask=ok, other=float("-inf"))  # [BLOCK_R, BLOCK_S]
         s_j = tl.load(PartSum + part, mask=ok, other=0.0)
         m_i = tl.max(m_j, 1)  # [BLOCK_R]
@@ -306,9 +328,9 @@ _KERNEL = _gumbel_argmax_confidence_kernel if triton is not None else None
 _INTERPRETED = _KERNEL is not None and is_interpreted(_KERNEL)
 
 
-def is_available(device) -> Optional[str]:
-    """``None`` when :func:`gumbel_argmax_confidence` can run on ``device``, else the reason it cannot."""
-    return availability(device, _KERNEL)
+def unavailable_reason(device) -> Optional[str]:
+    """Why :func:`gumbel_argmax_confidence` cannot run on ``device``; ``None`` when it can."""
+    return kernel_unavailable_reason(device, _KERNEL)
 
 
 def _check_inputs(logits, un_logits, temperature, remasking, logits_eos_inf,
@@ -478,27 +500,48 @@ def gumbel_argmax_confidence(
         out[1].copy_(confidence)
         return out[0], out[1]
 
-    reason = is_available(device)
-    if reason is not None:
-        raise RuntimeError(f"gumbel_argmax_confidence (triton) cannot run on {device}: {reason}")
     if out is None:
         x0 = torch.empty((batch, num_pos), dtype=torch.long, device=device)
         confidence = torch.empty((batch, num_pos), dtype=conf_dtype, device=device)
     else:
         x0, confidence = out
-    n_rows = batch * num_pos
-    if n_rows == 0:
+    if batch * num_pos == 0:
         return x0, confidence
     if vocab == 0:
         raise ValueError("logits must have a non-empty vocabulary (last) dimension")
-
-    write_flag = low_conf and exact_confidence and logits.dtype != torch.float32
-    flag = torch.empty(n_rows if write_flag else 0, dtype=torch.int8, device=device)
+    # One 64-bit seed from the caller's generator, drawn into a device tensor (no host sync).
     seed = (torch.randint(0, 2**62, (1,), dtype=torch.long, device=device, generator=generator)
-            if sample or not low_conf else x0)  # never read without noise or random draws
+            if sample or not low_conf else None)
+    eos_used, eot_used = logits_eos_inf or confidence_eos_eot_inf, confidence_eos_eot_inf
+    torch.ops.genjo_fast_triton.gumbel_argmax_confidence(
+        logits, un_logits, seed, x0, confidence, float(cfg_scale), float(temperature), low_conf,
+        bool(logits_eos_inf), bool(confidence_eos_eot_inf), eos_id if eos_used else -1,
+        eot_id if eot_used else -1, bool(exact_confidence))
+    return x0, confidence
+
+
+@torch.library.custom_op("genjo_fast_triton::gumbel_argmax_confidence",
+                         mutates_args=("x0", "confidence"))
+def _gumbel_argmax_confidence_op(
+        logits: torch.Tensor, un_logits: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+        x0: torch.Tensor, confidence: torch.Tensor, cfg_scale: float, temperature: float,
+        low_confidence: bool, logits_eos_inf: bool, confidence_eos_eot_inf: bool, eos_id: int,
+        eot_id: int, exact_confidence: bool) -> None:
+    """``torch.ops.genjo_fast_triton.gumbel_argmax_confidence``: the kernel launch (and the
+    exact_confidence recheck) of :func:`gumbel_argmax_confidence` on validated arguments,
+    writing ``x0`` (int64 ``(B, N)``) and ``confidence`` (``(B, N)``, the logits' dtype when
+    ``low_confidence and exact_confidence``, else float32). ``seed``: int64 ``(1,)`` when the
+    kernel draws noise (``temperature > 0`` or not ``low_confidence``), else ``None``."""
+    device = logits.device
+    require_device("gumbel_argmax_confidence (triton)", device, unavailable_reason(device))
+    batch, num_pos, vocab = logits.shape
+    n_rows = batch * num_pos
+    sample = temperature > 0
+    write_flag = low_confidence and exact_confidence and logits.dtype != torch.float32
+    flag = torch.empty(n_rows if write_flag else 0, dtype=torch.int8, device=device)
     un = un_logits if un_logits is not None else logits  # never read without CFG
-    temp_hi = struct.unpack("f", struct.pack("f", float(temperature)))[0]  # float32 part
-    temp_lo = float(temperature) - temp_hi
+    temp_hi = struct.unpack("f", struct.pack("f", temperature))[0]  # float32 part
+    temp_lo = temperature - temp_hi
 
     block_r, block_v, num_warps = _launch_config(n_rows, vocab, sample)
     splits = _num_splits(n_rows, vocab, block_r, block_v, device)
@@ -514,18 +557,19 @@ def gumbel_argmax_confidence(
         part_key = part_idx = part_max = part_sum = x0  # never touched
     flags = dict(
         HAS_CFG=un_logits is not None,
-        ARGMAX_NO_EOS=bool(logits_eos_inf),
-        SOFTMAX_NO_EOS=bool(confidence_eos_eot_inf and not sample and not logits_eos_inf),
-        SOFTMAX_NO_EOT=bool(confidence_eos_eot_inf),
-        LOW_CONF=low_conf, WRITE_FLAG=write_flag, ROUND_OUT=conf_dtype != torch.float32,
-        ROUND=_ROUND[logits.dtype])
-    outputs = (logits, un, seed, x0, confidence, flag if write_flag else x0,
+        ARGMAX_NO_EOS=logits_eos_inf,
+        SOFTMAX_NO_EOS=confidence_eos_eot_inf and not sample and not logits_eos_inf,
+        SOFTMAX_NO_EOT=confidence_eos_eot_inf,
+        LOW_CONF=low_confidence, WRITE_FLAG=write_flag,
+        ROUND_OUT=confidence.dtype != torch.float32, ROUND=_ROUND[logits.dtype])
+    outputs = (logits, un, seed if seed is not None else x0,  # the seed is never read without
+               x0, confidence, flag if write_flag else x0,  # noise or random draws
                part_key, part_idx, part_max, part_sum)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         _gumbel_argmax_confidence_kernel[(triton.cdiv(n_rows, block_r), splits)](
             *outputs, n_rows, num_pos, vocab, split_len, *logits.stride(), *un.stride(),
             float(cfg_scale + 1), temp_hi, temp_lo, eos_id, eot_id, EXACT_WINDOW,
-            SAMPLE=sample, OWN_MAX=sample or bool(confidence_eos_eot_inf), SPLITS=splits,
+            SAMPLE=sample, OWN_MAX=sample or confidence_eos_eot_inf, SPLITS=splits,
             BLOCK_R=block_r, BLOCK_V=block_v, num_warps=num_warps,
             # fp32 CFG: un + c * d must be a multiply then an add, each rounded, as in torch.
             enable_fp_fusion=False, **flags)
@@ -537,22 +581,33 @@ def gumbel_argmax_confidence(
                 SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), BLOCK_R=block_rc,
                 num_warps=4, enable_fp_fusion=False, **flags)
 
-    if low_conf and exact_confidence:
-        if logits.dtype == torch.float32 or _capturing(device):
-            # All rows: float32 has no rounding slack to absorb the sum's order, and a CUDA
-            # graph capture cannot count the flagged rows (a host sync).
-            rows = None
-        else:
-            rows = flag.nonzero().squeeze(1)  # the one host sync of the call
-            if rows.numel() == 0:
-                return x0, confidence
+    if low_confidence and exact_confidence:
+        rows = rows_to_recheck(flag, logits.dtype, device)
+        if rows is not None and rows.numel() == 0:
+            return
         _recompute_confidence(logits, un_logits, cfg_scale, x0, confidence, rows, temperature,
                               logits_eos_inf, confidence_eos_eot_inf, eos_id, eot_id)
-    return x0, confidence
 
 
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+@_gumbel_argmax_confidence_op.register_fake
+def _gumbel_argmax_confidence_fake(logits, un_logits, seed, x0, confidence, cfg_scale,
+                                   temperature, low_confidence, logits_eos_inf,
+                                   confidence_eos_eot_inf, eos_id, eot_id,
+                                   exact_confidence) -> None:
+    """Writes into ``x0`` and ``confidence`` only: their shapes and dtypes are checked."""
+    conf_dtype = logits.dtype if (low_confidence and exact_confidence) else torch.float32
+    _check_out((x0, confidence), tuple(logits.shape[:2]), conf_dtype, logits.device)
+
+
+def rows_to_recheck(flag: torch.Tensor, dtype: torch.dtype,
+                    device: torch.device) -> Optional[torch.Tensor]:
+    """The rows a sampling kernel's torch recheck recomputes: int64 flat indices of the
+    nonzero ``flag`` entries (one host sync), or ``None`` for every row: float32 logits have no
+    rounding slack to absorb the sum's order, and a CUDA graph capture cannot count the
+    flagged rows (nor can the warm-up run of one, which must take the same branch)."""
+    if dtype == torch.float32 or capturing(device):
+        return None
+    return flag.nonzero().squeeze(1)  # the one host sync of the call
 
 
 def _recompute_confidence(logits, un_logits, cfg_scale, x0, confidence, rows, temperature,

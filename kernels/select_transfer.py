@@ -7,6 +7,9 @@ sort puts them) is counted directly:
 
     rank_i = #{j : c_j > c_i  or  (c_j == c_i and j < i)}
 
+where NaN counts above every number and equal to NaN, as torch's sort orders it (a stable
+descending sort puts the NaNs first, by position).
+
 over tiles of ``BLOCK_J`` positions (an ``O(N^2)`` comparison in registers: N is a block
 length, typically 8..256; rows longer than ``BLOCK_I`` are processed in tiles of positions too).
 The three rules then read:
@@ -30,12 +33,12 @@ from typing import Optional
 
 import torch
 
-from ._runtime import availability, is_interpreted
+from ._runtime import is_interpreted, kernel_unavailable_reason, require_device
 
 try:
     import triton
     import triton.language as tl
-except ImportError:  # genjo_fast imports without triton; is_available() then says why
+except ImportError:  # genjo_fast imports without triton; unavailable_reason() says why
     triton = None
     tl = None
 
@@ -64,8 +67,12 @@ if triton is not None:
             ok_j = offs_j < num_pos
             c_j = tl.load(Conf + row_off + offs_j * stride_cn, mask=ok_j, other=float("-inf"))
             c_j = _upcast(c_j, WIDE)  # [BLOCK_J]
-            before = ((c_j[None, :] > c_i[:, None])
-                      | ((c_j[None, :] == c_i[:, None]) & (offs_j[None, :] < offs_i[:, None])))
+            nan_i = (c_i != c_i)[:, None]  # [BLOCK_I, 1]
+            nan_j = (c_j != c_j)[None, :]  # [1, BLOCK_J]
+            # torch's sort order: NaN above every number, NaNs equal to each other
+            above = (c_j[None, :] > c_i[:, None]) | (nan_j & ~nan_i)
+            equal = (c_j[None, :] == c_i[:, None]) | (nan_j & nan_i)
+            before = above | (equal & (offs_j[None, :] < offs_i[:, None]))
             before = before & ok_j[None, :]  # [BLOCK_I, BLOCK_J]
             rank += tl.sum(before.to(tl.int32), 1)
         return rank
@@ -120,9 +127,9 @@ _KERNEL = _select_transfer_kernel if triton is not None else None
 _INTERPRETED = _KERNEL is not None and is_interpreted(_KERNEL)
 
 
-def is_available(device) -> Optional[str]:
-    """``None`` when :func:`select_transfer` can run on ``device``, else the reason it cannot."""
-    return availability(device, _KERNEL)
+def unavailable_reason(device) -> Optional[str]:
+    """Why :func:`select_transfer` cannot run on ``device``; ``None`` when it can."""
+    return kernel_unavailable_reason(device, _KERNEL)
 
 
 def check_select_transfer_args(confidence, num_transfer, threshold, factor) -> None:
@@ -155,6 +162,15 @@ def check_select_transfer_args(confidence, num_transfer, threshold, factor) -> N
             raise TypeError(f"{name} must be a number, got {type(value).__name__}")
 
 
+def select_transfer_fake(confidence: torch.Tensor, num_transfer: Optional[torch.Tensor] = None,
+                         threshold: Optional[float] = None,
+                         factor: Optional[float] = None) -> torch.Tensor:
+    """The fake (meta) implementation of the ``select_transfer`` ops (this Triton one and the
+    CUDA extension's): checks the arguments, returns an empty bool ``(B, N)``."""
+    check_select_transfer_args(confidence, num_transfer, threshold, factor)
+    return confidence.new_empty(confidence.shape, dtype=torch.bool)
+
+
 def factor_thresholds(factor: float, num_pos: int, device) -> torch.Tensor:
     """float32 ``(N,)``: ``thr[r] = 1 - factor / (r + 2)``, the torch op's own expression (so
     that the kernel compares against bit-identical thresholds)."""
@@ -180,8 +196,9 @@ def select_transfer(confidence: torch.Tensor, num_transfer: Optional[torch.Tenso
     ``j``), ``threshold`` (the most confident position plus every other one ``>= threshold``) or
     ``factor`` (the longest sorted prefix whose ``n``-th confidence is
     ``>= 1 - factor / (n + 1)``). Equal confidences are ordered by position, lowest first;
-    ``-inf`` entries are never selected by the threshold and factor rules, nor by top-k while
-    ``k`` is at most the number of finite entries.
+    NaN ranks above every number (torch's sort order); ``-inf`` and NaN entries are never
+    selected by the threshold and factor rules, ``-inf`` ones not by top-k while ``k`` is at
+    most the number of entries above ``-inf``.
 
     Args:
         confidence: ``(B, N)`` float16, bfloat16, float32 or float64, any strides.
@@ -189,10 +206,18 @@ def select_transfer(confidence: torch.Tensor, num_transfer: Optional[torch.Tenso
         bool ``(B, N)`` transfer mask. No host sync.
     """
     check_select_transfer_args(confidence, num_transfer, threshold, factor)
+    return torch.ops.genjo_fast_triton.select_transfer(
+        confidence, num_transfer, None if threshold is None else float(threshold),
+        None if factor is None else float(factor))
+
+
+@torch.library.custom_op("genjo_fast_triton::select_transfer", mutates_args=())
+def _select_transfer_op(confidence: torch.Tensor, num_transfer: Optional[torch.Tensor],
+                        threshold: Optional[float], factor: Optional[float]) -> torch.Tensor:
+    """``torch.ops.genjo_fast_triton.select_transfer``: the kernel launch of
+    :func:`select_transfer` on checked arguments (the CUDA extension's op schema)."""
     device = confidence.device
-    reason = is_available(device)
-    if reason is not None:
-        raise RuntimeError(f"select_transfer (triton) cannot run on {device}: {reason}")
+    require_device("select_transfer (triton)", device, unavailable_reason(device))
     batch, num_pos = confidence.shape
     out = torch.empty((batch, num_pos), dtype=torch.bool, device=device)
     if out.numel() == 0:
@@ -214,3 +239,6 @@ def select_transfer(confidence: torch.Tensor, num_transfer: Optional[torch.Tenso
             BLOCK_I=block_i, BLOCK_J=block_j, num_warps=num_warps,
         )
     return out
+
+
+_select_transfer_op.register_fake(select_transfer_fake)

@@ -124,3 +124,14 @@ def test_warm_up_takes_the_capture_branch():
     step()
     assert seen == [True, True]
     assert not cuda_graph.capturing(torch.device("cpu"))  # only inside
+
+
+def test_sampling_kernel_recheck_follows_the_capture_branch():
+    """The sampling kernels' exact recheck counts flagged rows on the host, except in a capture
+    and in its warm-up, where it recomputes every row (no sync): the same branch in both."""
+    from genjo_fast.kernels.gumbel_argmax_confidence import rows_to_recheck
+
+    flag = torch.tensor([0, 1, 0, 1], dtype=torch.int8)
+    assert rows_to_recheck(flag, torch.bfloat16, torch.device("cpu")).tolist() == [1, 3]
+    with cuda_graph.warm_up_branch():
+        assert rows_to_recheck(flag, torch.bfloat16, torch.device("cpu")) is None

@@ -203,7 +203,7 @@ def test_generate_options_are_converted_and_checked_eagerly(workdir):
                                    "logits_eos_inf": True, "eos_id": 23}
     bad = [({"cache": "bogus"}, "cache must be None, 'prefix' or 'dual'"),
            ({"threshold": "abc"}, "threshold must be a number"),  # a TypeError
-           ({"threshold": -1.0}, "threshold must be >= 0"),
+           ({"threshold": -1.0}, "threshold must be finite and >= 0"),
            ({"threshold": 0.9, "factor": 1.0}, "threshold and factor are exclusive"),
            ({"refresh_every": 2}, "refresh_every needs a cache"),
            ({"cuda_graph": "ture"}, "cuda_graph must be a boolean"),

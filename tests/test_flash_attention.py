@@ -16,7 +16,7 @@ import torch  # noqa: E402
 from genjo_fast import attention as attention_mod  # noqa: E402
 from genjo_fast.attention import attention, attention_naive, attention_sdpa  # noqa: E402
 from genjo_fast.kernels import flash_attention as fa  # noqa: E402
-from genjo_fast.kernels.flash_attention import flash_attention, is_available  # noqa: E402
+from genjo_fast.kernels.flash_attention import flash_attention, unavailable_reason  # noqa: E402
 
 if fa._INTERPRETED:
     DEVICE = torch.device("cpu")
@@ -174,15 +174,15 @@ def test_bad_block_size():
         flash_attention(q, k, v, block_n=24)
 
 
-def test_is_available(monkeypatch):
-    assert is_available(DEVICE) is None
-    assert "not supported" in is_available(torch.device("meta"))
+def test_unavailable_reason(monkeypatch):
+    assert unavailable_reason(DEVICE) is None
+    assert "not supported" in unavailable_reason(torch.device("meta"))
     if DEVICE.type != "cpu":
-        assert "TRITON_INTERPRET" in is_available(torch.device("cpu"))
+        assert "TRITON_INTERPRET" in unavailable_reason(torch.device("cpu"))
         return
-    assert "interpreter" in is_available(torch.device("cuda"))
+    assert "interpreter" in unavailable_reason(torch.device("cuda"))
     monkeypatch.delenv("TRITON_INTERPRET")
-    assert "TRITON_INTERPRET" in is_available(torch.device("cpu"))
+    assert "TRITON_INTERPRET" in unavailable_reason(torch.device("cpu"))
     q, k, v = make_qkv(1, 1, 1, 8, 8, 64, torch.float32)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         flash_attention(q, k, v)
@@ -213,7 +213,7 @@ def test_auto_prefers_triton_on_cuda_only(monkeypatch):
 
 
 def _skip_if_flash_attn_usable():
-    if attention_mod._flash_attn_check(DEVICE) is None:
+    if attention_mod._flash_attn_reason(DEVICE) is None:
         pytest.skip(f"flash_attn is installed and usable on {DEVICE}")
 
 
@@ -273,11 +273,33 @@ def test_flash_attn_unpadding(monkeypatch):
     fake = types.SimpleNamespace(flash_attn_func=dense, flash_attn_varlen_func=varlen)
     monkeypatch.setitem(sys.modules, "flash_attn", fake)
     q, k, v = make_qkv(3, 4, 2, 6, 20, 64, torch.bfloat16)
-    for key_mask in (None, left_padded_mask(20, (0, 7, 20))):
+    holes = torch.rand(3, 20, generator=torch.Generator().manual_seed(0)) < 0.5
+    holes[0] = True  # a row with no padding among rows with holes anywhere
+    for key_mask in (None, left_padded_mask(20, (0, 7, 20)), holes.to(DEVICE),
+                     torch.zeros(3, 20, dtype=torch.bool, device=DEVICE)):
         out = attention_mod.attention_flash_attn(q, k, v, key_mask)
         check(out, q, k, v, key_mask)
     with pytest.raises(TypeError, match="float16 or bfloat16"):
         attention_mod.attention_flash_attn(q.float(), k.float(), v.float())
+
+
+def test_flash_attn_unpadding_has_no_host_sync(monkeypatch):
+    """The packing runs on meta tensors, which have no values: no int(), .item() or boolean
+    indexing (host syncs, which a CUDA graph capture forbids) reads one."""
+    import sys
+    import types
+
+    def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal):
+        assert cu_seqlens_k.shape == (4,) and k.shape == (3 * 20, 2, 64) and max_seqlen_k == 20
+        return torch.empty_like(q)
+
+    fake = types.SimpleNamespace(flash_attn_func=None, flash_attn_varlen_func=varlen)
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    q = torch.empty(3, 4, 6, 64, dtype=torch.bfloat16, device="meta")
+    k = v = torch.empty(3, 2, 20, 64, dtype=torch.bfloat16, device="meta")
+    out = attention_mod.attention_flash_attn(q, k, v, torch.ones(3, 20, dtype=torch.bool,
+                                                                 device="meta"))
+    assert out.shape == q.shape and out.device.type == "meta"
 
 
 def test_auto_falls_back_on_unsupported_head_dim(monkeypatch):

@@ -102,14 +102,15 @@ from genjo_fast import generate as fast_generate  # noqa: E402
 from genjo_fast.kernels import gumbel_argmax_confidence as gk  # noqa: E402
 from genjo_fast.testing import TinyBidirectionalLM, random_prompts  # noqa: E402
 
-if gk.is_available("cpu") is None:
+if gk.unavailable_reason("cpu") is None:
     KDEVICE = torch.device("cpu")
-elif gk.is_available("cuda") is None:
+elif gk.unavailable_reason("cuda") is None:
     KDEVICE = torch.device("cuda")
 else:
     KDEVICE = None
 needs_kernel = pytest.mark.skipif(
-    KDEVICE is None, reason=f"the Triton kernel cannot run here: {gk.is_available('cpu')}")
+    KDEVICE is None,
+    reason=f"the Triton kernel cannot run here: {gk.unavailable_reason('cpu')}")
 KERNEL_EOS, KERNEL_EOT = 5, 9
 
 
@@ -424,3 +425,93 @@ def test_kernel_float64_logits_run_the_torch_op():
     got = gk.gumbel_argmax_confidence(logits, temperature=0.0, remasking="low_confidence")
     want = sampling.gumbel_argmax_confidence(logits, temperature=0.0, remasking="low_confidence")
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# NaN: torch.argmax counts NaN above every number (a row's first NaN is its argmax) and
+# softmax makes a NaN row; the kernel must do the same, on the GPU's NaN bit patterns too.
+# ---------------------------------------------------------------------------------------------
+
+def same_values(a, b):
+    """Equal dtypes, NaN at the same places, equal elsewhere (bit for bit, -0.0 included)."""
+    nan = a.isnan()
+    return (a.dtype == b.dtype and torch.equal(nan, b.isnan())
+            and torch.equal(a[~nan].view(-1).cpu(), b[~nan].view(-1).cpu())
+            and torch.equal(a[~nan].signbit(), b[~nan].signbit()))
+
+
+if gk.triton is not None:
+    import triton  # noqa: E402
+    import triton.language as tl  # noqa: E402
+
+    @triton.jit
+    def _round_to_probe(X, Y, n, ROUND: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        x = tl.load(X + offs, mask=offs < n)
+        tl.store(Y + offs, gk._round_to(x, ROUND), mask=offs < n)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_round_to_keeps_nan_and_rounds_like_torch(dtype):
+    """_round_to on float32 bit patterns built explicitly: the GPU's NaN 0x7FFFFFFF (which the
+    bit arithmetic alone turned into -0.0), other NaNs (0x7F800001 became +inf), and numbers:
+    ties to even, overflow to inf, subnormals, signed zeros, as torch's cast rounds them."""
+    patterns = [0x7FFFFFFF, -1, 0x7FC00000, 0x7F800001, 0x7FBFFFFF, -0x00400000,  # NaNs
+                0x3F808000, 0x3F818000, 0x3F807FFF, 0x7F7FFFFF, 0x7F800000, -0x00800000,
+                0x00000001, 0x00408000, 0x0, -0x80000000, 0x3DCCCCCD, 0x477FF000, 0x33000001]
+    bits = torch.tensor(patterns, dtype=torch.int64).to(torch.int32)  # two's complement
+    x = bits.view(torch.float32).to(KDEVICE)
+    y = torch.empty_like(x)
+    code = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype]
+    _round_to_probe[(1,)](x, y, x.numel(), ROUND=code, BLOCK=32)
+    assert y[:6].isnan().all(), y[:6].view(torch.int32)
+    assert same_values(y, x.to(dtype).float())
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_kernel_nan_rows_match_torch_op(monkeypatch, dtype, splits):
+    """At temperature 0: CFG with -inf in both halves (a NaN logit), NaN logits, rows of -inf
+    (softmax 0 / 0): x0 and the confidence (NaN included) are the torch op's, with the row's
+    vocabulary in one program or split over several."""
+    small_chunks(monkeypatch, block_v=64, block_r=2)
+    monkeypatch.setattr(gk, "_num_splits", lambda *args: splits)
+    logits, un = kernel_inputs(dtype, 300, cfg=True, batch=2, num_pos=5)
+    logits[0, 0, 150] = un[0, 0, 150] = -torch.inf  # CFG: -inf - -inf = NaN
+    logits[0, 0, 200] = un[0, 0, 200] = -torch.inf  # a later NaN: the first one wins
+    logits[0, 1] = -torch.inf  # the whole row: argmax 0, softmax NaN
+    un[0, 1] = -torch.inf
+    logits[0, 2, 7] = logits[0, 2, 290] = float("nan")  # NaN logits, in different chunks
+    logits[1, 3, 250] = float("nan")
+    logits[1, 3, 10] = 1e4  # a large logit before the NaN does not win
+    for kw in (dict(), dict(un_logits=un, cfg_scale=0.5), dict(confidence_eos_eot_inf=True)):
+        kw.update(temperature=0.0, remasking="low_confidence", eos_id=KERNEL_EOS,
+                  eot_id=KERNEL_EOT)
+        want = sampling.gumbel_argmax_confidence(logits, **kw)
+        for exact in (True, False):
+            x0, conf = gk.gumbel_argmax_confidence(logits, exact_confidence=exact, **kw)
+            assert torch.equal(x0, want[0]), (kw, exact)
+            assert torch.equal(conf.isnan(), want[1].isnan())
+            if exact:
+                assert same_values(conf, want[1])
+    x0, _ = gk.gumbel_argmax_confidence(logits, temperature=0.0, remasking="low_confidence",
+                                        un_logits=un, cfg_scale=0.5)
+    assert x0[0, 0] == 150 and x0[0, 1] == 0 and x0[0, 2] == 7 and x0[1, 3] == 250
+
+
+@needs_kernel
+@pytest.mark.parametrize("splits", [1, 3])
+def test_kernel_sampling_takes_the_first_nan(monkeypatch, splits):
+    """At temperature > 0 a NaN logit makes a NaN Gumbel key: x0 is the row's first NaN, as the
+    reference's argmax of exp(l) / (-log u) ** T gives for any draws."""
+    small_chunks(monkeypatch, block_v=64, block_r=2)
+    monkeypatch.setattr(gk, "_num_splits", lambda *args: splits)
+    logits, _ = kernel_inputs(torch.bfloat16, 300, cfg=False, batch=2, num_pos=3)
+    logits[0, 1, 260] = logits[0, 1, 280] = float("nan")
+    logits[1, 2, 70] = float("nan")
+    x0, conf = gk.gumbel_argmax_confidence(logits, temperature=0.8, remasking="low_confidence",
+                                           generator=make_generator(0))
+    assert x0[0, 1] == 260 and x0[1, 2] == 70
+    assert conf[0, 1].isnan() and conf[1, 2].isnan() and not conf[0, 0].isnan()

@@ -114,14 +114,15 @@ from genjo_fast import cuda_ext  # noqa: E402
 from genjo_fast.backends import SAMPLING_BACKENDS  # noqa: E402
 from genjo_fast.kernels import select_transfer as sk  # noqa: E402
 
-if sk.is_available("cpu") is None:
+if sk.unavailable_reason("cpu") is None:
     KDEVICE = torch.device("cpu")
-elif sk.is_available("cuda") is None:
+elif sk.unavailable_reason("cuda") is None:
     KDEVICE = torch.device("cuda")
 else:
     KDEVICE = None
 needs_kernel = pytest.mark.skipif(
-    KDEVICE is None, reason=f"the Triton kernel cannot run here: {sk.is_available('cpu')}")
+    KDEVICE is None,
+    reason=f"the Triton kernel cannot run here: {sk.unavailable_reason('cpu')}")
 needs_extension = pytest.mark.skipif(cuda_ext._C is None, reason=str(cuda_ext.IMPORT_ERROR))
 
 RULES = [dict(threshold=t) for t in (0.0, 0.5, 0.9, 1.0, 1.5)] + \
@@ -213,11 +214,11 @@ def test_triton_backend_dispatch(monkeypatch):
     monkeypatch.delenv("GENJO_FAST_BACKEND")
     auto = SAMPLING_BACKENDS.resolve(None, KDEVICE)[0]
     assert auto == ("torch" if KDEVICE.type == "cpu" else
-                    ("cuda" if cuda_ext.is_available(KDEVICE) is None else "triton"))
+                    ("cuda" if cuda_ext.unavailable_reason(KDEVICE) is None else "triton"))
 
 
 def test_cuda_backend_reason():
-    reason = cuda_ext.is_available("cpu")
+    reason = cuda_ext.unavailable_reason("cpu")
     assert reason is not None
     assert ("CUDA tensors only" in reason if cuda_ext._C is not None
             else "the CUDA extension was not built" in reason)
@@ -263,3 +264,62 @@ def test_extension_fake_impl():
         for args in ((confidence, torch.tensor([1, 2, 3, 0], device=device), None, None),
                      (confidence, None, 0.5, None), (confidence, None, None, 1.0)):
             torch.library.opcheck(op.default, args)
+
+
+def nan_rows(dtype):
+    """Rows with NaN confidences (a 0/0 softmax upstream) among numbers, ties and -inf; a row
+    all NaN, a row all -inf, NaN next to +inf."""
+    nan, inf = float("nan"), float("inf")
+    rows = [[0.5, nan, -inf, 0.9, nan, 0.5, 0.2, 0.95],
+            [nan, nan, nan, nan, nan, nan, nan, nan],
+            [-inf, -inf, -inf, -inf, -inf, -inf, -inf, -inf],
+            [0.3, 0.3, nan, 0.99, -inf, inf, 0.3, nan],
+            [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, nan],
+            [nan, -inf, 0.97, 0.97, -inf, nan, 0.6, 0.96]]
+    return torch.tensor(rows, dtype=dtype)
+
+
+def nan_cases(batch):
+    cases = [dict(num_transfer=torch.full((batch,), k)) for k in (0, 1, 2, 3, 5, 8)]
+    return cases + [dict(threshold=0.5), dict(threshold=0.95), dict(factor=1.0),
+                    dict(factor=0.2), dict(factor=10.0)]
+
+
+def test_torch_op_nan_order():
+    """The oracle: NaN first (by position), then numbers, then -inf; top-k takes NaN, the
+    threshold and factor rules never do; k never selects more than k."""
+    c = nan_rows(torch.float32)
+    got = sampling.select_transfer(c, torch.full((6,), 3))
+    assert got[0].nonzero().flatten().tolist() == [1, 4, 7]
+    assert got[3].nonzero().flatten().tolist() == [2, 5, 7]
+    assert (got.sum(1) == 3).all()
+    assert not (sampling.select_transfer(c, threshold=0.0) & c.isnan()).any()
+    assert not (sampling.select_transfer(c, factor=10.0) & c.isnan()).any()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_kernel_nan_confidences_equal_torch_op(dtype):
+    """NaN ranks as torch's sort puts it (before every number): the kernel selects exactly the
+    torch op's positions (top-k never more than k), in one tile and in several."""
+    confidence = nan_rows(dtype).to(KDEVICE)
+    check_against_torch_op(sk.select_transfer, confidence, cases=nan_cases(6))
+    mixed = random_rows(5, 40, seed=7, levels=6, dtype=dtype)
+    mixed[torch.rand(5, 40, generator=torch.Generator().manual_seed(7)) < 0.2] = float("nan")
+    check_against_torch_op(sk.select_transfer, mixed.to(KDEVICE), seed=7)
+
+
+@needs_kernel
+def test_kernel_nan_confidences_in_tiles(monkeypatch):
+    monkeypatch.setattr(sk, "_tile_config", lambda num_pos: (16, 16, 4))
+    mixed = random_rows(4, 40, seed=9, levels=6)
+    mixed[torch.rand(4, 40, generator=torch.Generator().manual_seed(9)) < 0.25] = float("nan")
+    check_against_torch_op(sk.select_transfer, mixed.to(KDEVICE), seed=9)
+
+
+@needs_extension
+def test_extension_cpu_op_nan_confidences():
+    """The extension's CPU kernel, which shares its rank rule (csrc/select_transfer.h) with the
+    CUDA kernel."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        check_against_torch_op(cuda_ext.select_transfer, nan_rows(dtype), cases=nan_cases(6))

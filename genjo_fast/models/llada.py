@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import attention
+from ..attention import AttentionDispatch
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -261,6 +261,39 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x32 * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
+class RopeCache:
+    """float32 RoPE tables per device, built once and grown (doubling) on demand: a plain
+    object rather than a buffer, so not in the state dict, never built on the meta device and
+    never downcast by ``.to(bf16)``.
+
+    Args:
+        head_dim, theta: of :func:`rope_tables`.
+        min_positions: the smallest table built.
+    """
+
+    def __init__(self, head_dim: int, theta: float, min_positions: int):
+        self.head_dim, self.theta, self.min_positions = head_dim, theta, min_positions
+        self.tables: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, positions: Optional[torch.Tensor], length: int,
+                 device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """float32 ``(cos, sin)`` for ``positions``: int ``(L,)`` or ``(B, L)`` (``(1, L)``
+        too), or ``None`` for ``0 .. length-1``. Returns ``(L, D)`` each, or ``(B, 1, L, D)``
+        for 2-D positions."""
+        needed = length if positions is None else int(positions.max()) + 1
+        cos, sin = self.tables.get(device, (None, None))
+        if cos is None or cos.shape[0] < needed:
+            size = max(self.min_positions, needed, 0 if cos is None else 2 * cos.shape[0])
+            cos, sin = rope_tables(self.head_dim, size, self.theta, device)
+            self.tables[device] = (cos, sin)
+        if positions is None:
+            return cos[:length], sin[:length]
+        positions = positions.to(device=device, dtype=torch.long)
+        if positions.dim() == 2:
+            return cos[positions][:, None], sin[positions][:, None]
+        return cos[positions], sin[positions]
+
+
 class LLaDABlock(nn.Module):
     """One LLaMA-style block: ``x + attn(attn_norm(x))``, then ``+ mlp(ff_norm(.))``.
 
@@ -268,9 +301,12 @@ class LLaDABlock(nn.Module):
     cache) can replace or extend the keys and values in between.
     """
 
-    def __init__(self, config: LLaDAConfig, layer_id: int):
+    def __init__(self, config: LLaDAConfig, layer_id: int,
+                 attention: Optional[AttentionDispatch] = None):
         super().__init__()
         self.layer_id = layer_id
+        # The model's attention backend, shared by its blocks (resolved once, not per call).
+        self.attention_dispatch = attention if attention is not None else AttentionDispatch()
         self.n_heads, self.n_kv_heads, self.head_dim = (config.n_heads, config.n_kv_heads,
                                                         config.head_dim)
         d, kv, hidden = config.d_model, config.n_kv_heads * config.head_dim, config.mlp_hidden_size
@@ -313,7 +349,7 @@ class LLaDABlock(nn.Module):
         Returns:
             ``(B, Lq, d_model)`` in the model dtype.
         """
-        out = attention(q, k, v, key_mask)
+        out = self.attention_dispatch(q, k, v, key_mask)
         batch, _, length, _ = out.shape
         return self.attn_out(out.transpose(1, 2).reshape(batch, length, -1))
 
@@ -363,9 +399,12 @@ class LLaDAModel(nn.Module):
     def __init__(self, config: LLaDAConfig):
         super().__init__()
         self.config = config
+        # The attention backend of every block: see set_attention_backend.
+        self.attention_dispatch = AttentionDispatch()
         layers = nn.ModuleDict(dict(
             wte=nn.Embedding(config.embedding_size, config.d_model),
-            blocks=nn.ModuleList(LLaDABlock(config, i) for i in range(config.n_layers)),
+            blocks=nn.ModuleList(LLaDABlock(config, i, self.attention_dispatch)
+                                 for i in range(config.n_layers)),
             ln_f=RMSNorm(config.d_model, config.rms_norm_eps),
         ))
         if not config.weight_tying:
@@ -373,9 +412,7 @@ class LLaDAModel(nn.Module):
         # The reference nests the layers as LLaDAModelLM.model.transformer; so do we, for keys.
         self.model = nn.Module()
         self.model.transformer = layers
-        # float32 RoPE tables per device. A plain attribute rather than a buffer: not in the
-        # state dict, never built on the meta device, and never downcast by ``.to(bf16)``.
-        self._rope_cache: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rope = RopeCache(config.head_dim, config.rope_theta, config.max_sequence_length)
         self.eval()
 
     # -- accessors ------------------------------------------------------------------------
@@ -397,6 +434,13 @@ class LLaDAModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.transformer.wte.weight.dtype
 
+    def set_attention_backend(self, backend: Optional[str]) -> None:
+        """Chooses the attention backend of every block: ``None`` (``GENJO_FAST_ATTENTION``,
+        else ``"auto"``; the default), ``"auto"``, ``"triton"``, ``"flash_attn"`` or ``"sdpa"``.
+        The backend is resolved on the first forward for each (device, dtype, head_dim) and
+        kept; the env variable is read then, not at every call."""
+        self.attention_dispatch.set_backend(backend)
+
     # -- pieces -----------------------------------------------------------------------------
 
     def rope(self, positions: Optional[torch.Tensor], length: int,
@@ -408,18 +452,7 @@ class LLaDAModel(nn.Module):
         Returns:
             ``(L, D)`` each, or ``(B, 1, L, D)`` for per-row positions.
         """
-        needed = length if positions is None else int(positions.max()) + 1
-        cos, sin = self._rope_cache.get(device, (None, None))
-        if cos is None or cos.shape[0] < needed:
-            size = max(needed, self.config.max_sequence_length)
-            cos, sin = rope_tables(self.config.head_dim, size, self.config.rope_theta, device)
-            self._rope_cache[device] = (cos, sin)
-        if positions is None:
-            return cos[:length], sin[:length]
-        positions = positions.to(device)
-        if positions.dim() == 2:
-            return cos[positions][:, None], sin[positions][:, None]
-        return cos[positions], sin[positions]
+        return self._rope(positions, length, device)
 
     def forward_hidden(self, input_ids: torch.Tensor,
                        attention_mask: Optional[torch.Tensor] = None,
