@@ -86,6 +86,10 @@ def _triton_check(device: torch.device, q: Optional[torch.Tensor] = None) -> Opt
     reason = _triton_attention.is_available(device)
     if reason is None and q is not None and q.shape[-1] not in _triton_attention.HEAD_DIMS:
         reason = f"head_dim {q.shape[-1]} is not one of {_triton_attention.HEAD_DIMS}"
+    if reason is None and q is not None and q.requires_grad and torch.is_grad_enabled():
+        # Its output would be cut from the graph: training would silently lose the gradients
+        # of the attention inputs.
+        reason = "the Triton kernel has no backward pass (the inputs require grad)"
     return reason
 
 
