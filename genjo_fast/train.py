@@ -1,6 +1,6 @@
 """Train a small LLaDA model on the task suite: ``python -m genjo_fast.train --out DIR``.
 
-The objective is LLaDA's (:mod:`genjo_fast.mdlm`; SFT by default: the chat prompt is never
+The objective is LLaDA's (:mod:`genjo_fast.objective`; SFT by default: the chat prompt is never
 masked and the answer is followed by ``<|eot_id|>`` and padded with EOS to ``gen_length``
 tokens, the window ``genjo_fast.generate`` fills), on genjo_fast's own
 :class:`~genjo_fast.models.LLaDAModel` with the character-level chat tokenizer
@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from . import tasks as task_suite
-from .mdlm import EPS, pretraining_loss, sft_loss
+from .objective import EPS, pretraining_loss, sft_loss
 from .models import LLaDAConfig, LLaDAModel, load_llada, save_llada
 from .tokenizer import build_tokenizer, special_ids
 

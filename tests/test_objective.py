@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from genjo_fast import get_log_likelihood
-from genjo_fast.mdlm import EPS, forward_process, pretraining_loss, sft_loss
+from genjo_fast.objective import EPS, forward_process, pretraining_loss, sft_loss
 from genjo_fast.testing import TinyBidirectionalLM, random_llada
 
 VOCAB, MASK = 23, 22
