@@ -100,6 +100,10 @@ def _triton_reason(device: torch.device, q: Optional[torch.Tensor] = None) -> Op
     reason = _triton_attention.unavailable_reason(device)
     if reason is None and q is not None and q.shape[-1] not in _triton_attention.HEAD_DIMS:
         reason = f"head_dim {q.shape[-1]} is not one of {_triton_attention.HEAD_DIMS}"
+    if reason is None and q is not None and q.requires_grad and torch.is_grad_enabled():
+        # Its output would be cut from the graph: training would silently lose the gradients
+        # of the attention inputs.
+        reason = "the Triton kernel has no backward pass (the inputs require grad)"
     return reason
 
 
@@ -179,15 +183,16 @@ class AttentionDispatch:
 
     def resolve(self, q: torch.Tensor) -> Tuple[str, AttentionFn]:
         """``(name, function)`` of the backend for queries like ``q`` ``(B, Hq, Lq, D)``:
-        resolved on the first call for its (device, dtype, D), then kept."""
-        key = (q.device, q.dtype, q.shape[-1])
+        resolved on the first call for its (device, dtype, D, training), then kept."""
+        # Training (inputs that require grad) may exclude a forward-only backend: its own key.
+        key = (q.device, q.dtype, q.shape[-1], q.requires_grad and torch.is_grad_enabled())
         chosen = self._chosen.get(key)
         if chosen is None:
             chosen = self._chosen[key] = ATTENTION_BACKENDS.resolve(self._backend, q.device, q)
         return chosen
 
-    def chosen(self) -> Dict[Tuple[torch.device, torch.dtype, int], str]:
-        """The backends resolved so far, by (device, dtype, head_dim)."""
+    def chosen(self) -> Dict[Tuple[torch.device, torch.dtype, int, bool], str]:
+        """The backends resolved so far, by (device, dtype, head_dim, training)."""
         return {key: name for key, (name, _) in self._chosen.items()}
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

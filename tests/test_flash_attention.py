@@ -309,3 +309,38 @@ def test_auto_falls_back_on_unsupported_head_dim(monkeypatch):
     torch.testing.assert_close(attention(q, k, v), attention_naive(q, k, v))
     with pytest.raises(RuntimeError, match="head_dim 12 is not one of"):
         attention(q, k, v, backend="triton")
+
+
+def test_training_never_runs_the_forward_only_kernel(monkeypatch):
+    """The kernel has no backward: with inputs that require grad, "auto" runs SDPA (gradients
+    equal the oracle's) on every device, and asking for "triton" by name is an error instead
+    of an output silently cut from the graph. Under no_grad the kernel stays available."""
+    monkeypatch.delenv(attention_mod.ENV_VAR, raising=False)
+    monkeypatch.setitem(attention_mod.ATTENTION_BACKENDS._auto_reasons, "triton",
+                        lambda device, *inputs: None)  # as on CUDA: auto would pick triton
+    q, k, v = (x.requires_grad_() for x in make_qkv(1, 2, 2, 5, 7, 64, torch.float32))
+    resolve = attention_mod.ATTENTION_BACKENDS.resolve
+    assert resolve(None, DEVICE, q)[0] != "triton"
+    out = attention(q, k, v)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    expected = torch.autograd.grad(attention_naive(q, k, v).square().sum(), (q, k, v))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
+    with pytest.raises(RuntimeError, match="no backward pass"):
+        attention(q, k, v, backend="triton")
+    with torch.no_grad():
+        assert resolve(None, DEVICE, q)[0] == "triton"
+
+
+def test_dispatch_resolves_training_apart(monkeypatch):
+    """A model first run for inference (where auto may pick the forward-only kernel) and then
+    trained must not keep that choice: the dispatcher resolves training inputs separately."""
+    monkeypatch.delenv(attention_mod.ENV_VAR, raising=False)
+    monkeypatch.setitem(attention_mod.ATTENTION_BACKENDS._auto_reasons, "triton",
+                        lambda device, *inputs: None)  # as on CUDA: auto would pick triton
+    dispatch = attention_mod.AttentionDispatch()
+    q, k, v = make_qkv(1, 2, 2, 5, 7, 64, torch.float32)
+    with torch.no_grad():
+        assert dispatch.resolve(q)[0] == "triton"
+    q.requires_grad_()
+    assert dispatch.resolve(q)[0] != "triton"
