@@ -14,7 +14,7 @@ from genjo_fast.models import load_llada  # noqa: E402
 from genjo_fast.tokenizer import build_tokenizer, special_ids  # noqa: E402
 
 TINY = dict(d_model=32, n_heads=2, n_layers=2, mlp_hidden_size=64, batch_size=8,
-            warmup=2, lr=3e-3, gen_length=16)
+            warmup=2, lr=3e-3, gen_length=16, task_weights=(1.0, 1.0, 1.0))
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +124,20 @@ def test_bad_settings():
         training.TrainConfig(objective="ar")
     with pytest.raises(ValueError, match="steps"):
         training.TrainConfig(steps=0)
+
+
+def test_init_starts_from_a_trained_model(tmp_path, tokenizer):
+    first = training.TrainConfig(steps=3, **TINY)
+    training.train(first, tmp_path / "first", final_eval_problems=0, progress=False)
+    second = training.TrainConfig(steps=2, **{**TINY, "task_weights": (1.0, 0.0, 0.0)})
+    model, record = training.load_initial_model(tmp_path / "first" / "model", second, tokenizer)
+    trained = load_llada(tmp_path / "first" / "model", dtype=torch.float32).state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
+    assert model.training is False and all(p.requires_grad for p in model.parameters())
+    assert record["step"] == 3 and record["config"]["task_weights"] == [1.0, 1.0, 1.0]
+    info = training.train(second, tmp_path / "second", init=tmp_path / "first" / "model",
+                          final_eval_problems=0, progress=False)
+    assert info["init"]["path"] == str(tmp_path / "first" / "model")
+    with pytest.raises(ValueError, match="architecture"):
+        training.load_initial_model(tmp_path / "first" / "model",
+                                    training.TrainConfig(**{**TINY, "d_model": 64}), tokenizer)
