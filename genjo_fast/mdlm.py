@@ -21,6 +21,9 @@ What makes it faster than the upstream loop without changing its distribution:
 * the head runs a chunk of rows at a time, fused with the sample and its probability
   (:func:`genjo_fast.mdlm_sampling.sample_rows`): no ``(B, L, V)`` logits, probabilities or
   float64 tensors; a step where no row can change runs no forward at all;
+* the model's forward runs as many canvas rows at a time as a memory budget holds
+  (:func:`forward_rows`): the forward of a whole batch, not the sampler, would otherwise set
+  the peak memory;
 * ``adaptive_length`` (approximate, opt-in): the answer's length is decided after the first
   step and the positions after its EOS are never computed again.
 
@@ -41,12 +44,14 @@ from .mdlm_contract import (MDLMDraws, TorchMDLMDraws, edit_probability, is_caus
                             model_call_kwargs, num_to_unmask, open_positions, unmask_probability,
                             visible_positions)
 from .mdlm_sampling import sample_rows
+from .streaming import StreamAdapter
 from .validation import (_check_float, _check_int, check_model_not_meta, check_token_tensor,
                          check_vocab_size)
 
 __all__ = ["mdlm_generate", "mdlm_generate_steps", "mdlm_semi_autoregressive",
            "mdlm_semi_autoregressive_steps", "drain_steps", "MDLMStats", "context_window",
-           "head_split"]
+           "head_split", "activation_bytes", "forward_rows", "AnswerStream",
+           "FORWARD_MEMORY_MIB"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,8 +141,8 @@ class RowRunner:
     Called as ``runner(x, start, stop, full, rows)`` with ``rows`` bool ``(B, stop - start)``;
     returns ``(RowLogits, None)``. The prediction for position ``i`` is the model's output at
     ``i - shift``. The model runs ``forward_batch_size`` canvas rows at a time (all of them by
-    default), skipping those where no position can change; a step where none can change runs
-    no forward.
+    default; the front-ends pass :func:`forward_rows`'s choice), skipping those where no
+    position can change; a step where none can change runs no forward.
 
     Args:
         model: a transformers LM (:func:`head_split` classes run body and head apart) or any
@@ -195,11 +200,76 @@ class RowRunner:
                          lambda a, b: head(gathered[a:b])), None
 
 
+#: Default budget of one model forward's activations, in MiB, on devices other than CUDA. On a
+#: CPU a forward over one canvas row of a few hundred positions already keeps the matmuls busy,
+#: so fewer rows per forward cost no measurable time, while the forward of a whole batch
+#: dominates the peak memory (measured: a 2-layer ModernBERT-base-shaped model, 8 rows of 256
+#: positions: about 92 MiB for the forward against about 8 MiB for the sampler's chunk).
+FORWARD_MEMORY_MIB = 32.0
+#: On CUDA the default budget is this fraction of the device's free memory at the call: there
+#: a forward over few rows leaves the device idle, and memory is plentiful.
+CUDA_FORWARD_MEMORY_FRACTION = 0.25
+
+
+def activation_bytes(model, width: int) -> Optional[int]:
+    """An upper estimate of the memory one position of a ``width``-position canvas row adds to
+    a forward of ``model`` (no autograd), in bytes; ``None`` when the config does not say.
+
+    ``e * (12 * hidden + 10 * intermediate)``, ``e`` the size of the parameters' dtype,
+    ``hidden`` and ``intermediate`` the config's ``hidden_size`` and ``intermediate_size``
+    (GPT-2's ``n_embd`` and ``n_inner``; ``4 * hidden`` when unset), plus
+    ``e * 4 * heads * width`` when the attention is eager (its scores are materialised), plus
+    ``e * vocab`` for a model whose forward returns the logits of every position (no
+    :func:`head_split`). Measured CPU peaks of BERT, ModernBERT and GPT-2 forwards (hidden 256
+    and 768, 256 and 512 positions, 1 and 4 rows, SDPA and eager attention) were 0.3 to 1.0
+    of it.
+    """
+    config = getattr(model, "config", None)
+    hidden = getattr(config, "hidden_size", None)
+    if not isinstance(hidden, int) or isinstance(hidden, bool):
+        return None
+    intermediate = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+                    or 4 * hidden)
+    parameter = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    size = parameter.element_size() if parameter is not None else 4
+    floats = 12 * hidden + 10 * intermediate
+    if getattr(config, "_attn_implementation", "eager") in (None, "eager"):
+        floats += 4 * (getattr(config, "num_attention_heads", None) or 1) * width
+    if head_split(model) is None:
+        floats += model_vocab_size(model) or 0
+    return size * floats
+
+
+def forward_rows(model, batch: int, width: int, forward_batch_size: Optional[int] = None,
+                 forward_memory_mib: Optional[float] = None,
+                 device: Optional[torch.device] = None) -> int:
+    """Canvas rows per model forward over a ``(batch, width)`` canvas.
+
+    ``forward_batch_size`` when given (at most ``batch``); otherwise as many rows as fit
+    ``forward_memory_mib`` (default :data:`FORWARD_MEMORY_MIB`, on CUDA
+    :data:`CUDA_FORWARD_MEMORY_FRACTION` of the free memory) by :func:`activation_bytes`, at
+    least one; the whole batch when the estimate is unknown.
+    """
+    if forward_batch_size is not None:
+        return min(forward_batch_size, batch)
+    per_position = activation_bytes(model, width)
+    if per_position is None:
+        return batch
+    if forward_memory_mib is not None:
+        budget = forward_memory_mib * 2**20
+    elif device is not None and device.type == "cuda":
+        budget = torch.cuda.mem_get_info(device)[0] * CUDA_FORWARD_MEMORY_FRACTION
+    else:
+        budget = FORWARD_MEMORY_MIB * 2**20
+    return max(1, min(batch, int(budget // (per_position * width))))
+
+
 class RowSampler:
     """The sampler: :func:`~genjo_fast.mdlm_sampling.sample_rows` on the runner's rows.
 
     ``__call__(row_logits, None, step, start)`` -> ``(x0, confidence)``, each ``(B, n)``: the
-    sampled token and its probability on the rows, ``mask_id`` and ``-inf`` elsewhere. With
+    sampled token and its probability (after ``temperature`` and ``top_p``) on the rows,
+    ``mask_id`` and ``-inf`` elsewhere. With
     ``probe_id``, :attr:`probe` holds the rows' probability of that token after each call
     (``(B, n)``, 0 elsewhere).
 
@@ -209,12 +279,14 @@ class RowSampler:
     """
 
     def __init__(self, draws: MDLMDraws, batch_index: torch.Tensor, shape: Tuple[int, int], *,
-                 mask_id: int, temperature: float, probe_id: Optional[int] = None):
+                 mask_id: int, temperature: float, top_p: Optional[float] = None,
+                 probe_id: Optional[int] = None):
         self.draws = draws
         self.batch_index = batch_index
         self.shape = shape
         self.mask_id = mask_id
         self.temperature = temperature
+        self.top_p = top_p
         self.probe_id = probe_id
         self.probe = None
 
@@ -232,7 +304,8 @@ class RowSampler:
 
         tokens, p, probe = sample_rows(logits.chunk, len(logits.positions), logits.vocab,
                                        uniform, mask_id=self.mask_id,
-                                       temperature=self.temperature, probe_id=self.probe_id)
+                                       temperature=self.temperature, top_p=self.top_p,
+                                       probe_id=self.probe_id)
         x0[rows] = tokens
         confidence = torch.full(self.shape, -torch.inf, dtype=p.dtype, device=device)
         confidence[rows] = p
@@ -341,7 +414,7 @@ def as_prompt_list(prompts) -> List[torch.Tensor]:
 def check_mdlm_args(model, prompts: List[torch.Tensor], *, num_steps, allow_edits,
                     use_confidence, mask_id, pad_id, eos_id, shift, temperature,
                     adaptive_length, length_threshold, generator,
-                    forward_batch_size=None) -> None:
+                    forward_batch_size=None, forward_memory_mib=None, top_p=None) -> None:
     """Validates the options shared by :func:`mdlm_generate` and
     :func:`mdlm_semi_autoregressive` (``prompts`` already through :func:`as_prompt_list`)."""
     if not prompts:
@@ -366,6 +439,15 @@ def check_mdlm_args(model, prompts: List[torch.Tensor], *, num_steps, allow_edit
                          f"{length_threshold!r}")
     if forward_batch_size is not None:
         _check_int("forward_batch_size", forward_batch_size, 1)
+    if forward_memory_mib is not None and (
+            isinstance(forward_memory_mib, bool) or not isinstance(forward_memory_mib, numbers.Real)
+            or not 0 < forward_memory_mib < float("inf")):
+        raise ValueError(f"forward_memory_mib must be a positive number of MiB (the memory "
+                         f"budget of one model forward) or None, got {forward_memory_mib!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real)
+                              or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] (the nucleus filter's mass; 1 or None: no "
+                         f"filter), got {top_p!r}")
     if adaptive_length and eos_id is None:
         raise ValueError("adaptive_length=True needs eos_id (the token that ends the answer)")
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -418,14 +500,143 @@ def _check_length(name: str, value, model, prompts, hint: str) -> Optional[int]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Streaming.
+
+class AnswerStream:
+    """Drives a streamer (transformers' protocol, through
+    :class:`~genjo_fast.streaming.StreamAdapter`) from the masked-LM samplers.
+
+    A row's *answer* is what follows its prompt, cut before its first ``stop_id`` when one is
+    given. A position is *confirmed* once no later step can change it, and the streamer is
+    ``put`` the longest prefix of the answers confirmed in every row. In this family a step may
+    write an open position (mask, or pad: a sampled pad is sampled again) and, with
+    ``allow_edits``, any visible generated token but EOS (Seed Diffusion's edits, whose
+    probability stays above 0 up to the last step): so without edits the confirmed prefix is
+    the decoded one (no mask, no pad), and with edits only EOS tokens and the blocks finished
+    in semi-autoregressive generation are confirmed before the end. With ``adaptive_length``
+    nothing is confirmed before the answer's length is decided (after step 0).
+
+    Rows of a batch are aligned as :func:`genjo_fast.generate` aligns them: prompts
+    left-padded, answers right-padded to the longest, with ``pad_id`` (else ``eos_id``); a
+    padded position is confirmed once its row can no longer grow.
+    """
+
+    def __init__(self, streamer, prompts: List[torch.Tensor], *, mask_id: int,
+                 pad_id: Optional[int], eos_id: Optional[int], allow_edits: bool,
+                 stop_id: Optional[int] = None):
+        self.adapter = StreamAdapter(streamer, mask_id)
+        self.prompts = prompts
+        self.mask_id, self.pad_id, self.eos_id = mask_id, pad_id, eos_id
+        self.allow_edits = allow_edits
+        self.stop_id = stop_id
+        self.fill = pad_id if pad_id is not None else eos_id
+        if len(prompts) > 1 and self.fill is None:
+            raise ValueError("streamer= with a batch needs pad_id or eos_id: the rows' prompts "
+                             "and answers, of different lengths, are aligned with it")
+
+    def begin(self) -> None:
+        """``put`` the prompts, int64 ``(B, max prompt length)``, left-padded."""
+        width = max(len(p) for p in self.prompts)
+        prompt = self._filled(len(self.prompts), width)
+        for b, p in enumerate(self.prompts):
+            prompt[b, width - len(p):] = p.cpu()
+        self.adapter.begin(prompt)
+
+    def changing(self, x: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+        """bool like ``x`` (int64 ``(B, W)``): the positions of ``region`` a later step may
+        still write."""
+        can = open_positions(x, region, self.mask_id, self.pad_id)
+        if self.allow_edits:
+            can |= visible_positions(x, region, self.mask_id, self.pad_id, self.eos_id)
+        return can
+
+    def step_canvas(self, x: torch.Tensor, region: torch.Tensor, settled: bool = True) -> None:
+        """After a step of :func:`mdlm_generate`: ``x`` the whole canvas, ``region`` its
+        generated positions still in play; ``settled=False``: every position of ``region`` may
+        still change (before ``adaptive_length``'s cut)."""
+        can = (self.changing(x, region) if settled else region).cpu()
+        x = x.cpu()
+        self._step([x[b, len(p):] for b, p in enumerate(self.prompts)],
+                   [can[b, len(p):] for b, p in enumerate(self.prompts)],
+                   [False] * len(self.prompts))
+
+    def step_sequences(self, sequences: List[torch.Tensor], changing: dict,
+                       active: List[int]) -> None:
+        """After a step of semi-autoregressive generation: ``sequences`` every row's sequence
+        (prompt included, the block in progress too), ``changing`` row -> bool of its last
+        positions that may still change, ``active`` the rows that will grow."""
+        answers, flags = [], []
+        for b, (sequence, prompt) in enumerate(zip(sequences, self.prompts)):
+            answer = sequence[len(prompt):].cpu()
+            can = torch.zeros(len(answer), dtype=torch.bool)
+            if b in changing:
+                can[len(answer) - changing[b].shape[0]:] = changing[b].cpu()
+            answers.append(answer)
+            flags.append(can)
+        self._step(answers, flags, [b in active for b in range(len(sequences))])
+
+    def finish(self, answers: List[torch.Tensor]) -> None:
+        """``put`` the rest of the final ``answers`` (int64 1-D, one per row), then ``end()``."""
+        answer, _ = self._rows([a.cpu() for a in answers],
+                               [torch.zeros(len(a), dtype=torch.bool) for a in answers],
+                               [False] * len(answers))
+        self.adapter.finish(answer)
+
+    def _step(self, answers, changing, growing) -> None:
+        answer, still = self._rows(answers, changing, growing)
+        self.adapter.step(answer, still_open=still)
+
+    def _rows(self, answers, changing, growing) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The answers cut at the stop id and right-padded, ``(B, A)``, and the bool ``(B, A)``
+        of positions that may still change (a row's padding: while it may grow, or while its
+        stop token may change)."""
+        rows = []
+        for answer, can, grows in zip(answers, changing, growing):
+            if self.stop_id is not None:
+                hits = (answer == self.stop_id).nonzero()
+                if len(hits):
+                    end = int(hits[0])
+                    answer, can, grows = answer[:end], can[:end], bool(can[end])
+            rows.append((answer, can, grows))
+        width = max(len(answer) for answer, _, _ in rows)
+        out = self._filled(len(rows), width)
+        still = torch.zeros((len(rows), width), dtype=torch.bool)
+        for b, (answer, can, grows) in enumerate(rows):
+            out[b, :len(answer)] = answer
+            still[b, :len(answer)] = can
+            still[b, len(answer):] = grows
+        return out, still
+
+    def _filled(self, batch: int, width: int) -> torch.Tensor:
+        # Batch 1 is never padded: without a pad or EOS id the value is never seen.
+        return torch.full((batch, width), self.fill if self.fill is not None else 0,
+                          dtype=torch.long)
+
+
+def _with_hook(events: Iterator, hook: Optional[Callable[[], None]]):
+    """Yields the items of ``events``, calling ``hook()`` before each; returns the iterator's
+    return value."""
+    while True:
+        try:
+            event = next(events)
+        except StopIteration as done:
+            return done.value
+        if hook is not None:
+            hook()
+        yield event
+
+
+# ----------------------------------------------------------------------------------------------
 # Front-ends.
 
 def _canvas_steps(model, x: torch.Tensor, region: torch.Tensor,
                   attention_mask: Optional[torch.Tensor], batch_index: torch.Tensor, *,
                   ops, num_steps: int, first_step: int, steps: range, allow_edits: bool,
                   use_confidence: bool, mask_id: int, pad_id: Optional[int],
-                  eos_id: Optional[int], shift: int, temperature: float, draws: MDLMDraws,
-                  stats: MDLMStats, forward_batch_size: Optional[int] = None,
+                  eos_id: Optional[int], shift: int, temperature: float,
+                  top_p: Optional[float], draws: MDLMDraws, stats: MDLMStats,
+                  forward_batch_size: Optional[int] = None,
+                  forward_memory_mib: Optional[float] = None,
                   probe_id: Optional[int] = None) -> Iterator[StepEvent]:
     """Runs steps ``steps`` (of ``num_steps``) on the canvas ``x`` (int64 ``(B, W)``, updated
     in place) through the engine, yielding its events. Only ``region`` (bool ``(B, W)``) is
@@ -435,9 +646,11 @@ def _canvas_steps(model, x: torch.Tensor, region: torch.Tensor,
     if len(columns) == 0:  # nothing left to generate
         return None
     start, stop = int(columns[0]), int(columns[-1]) + 1
-    runner = RowRunner(model, attention_mask, shift, stats, forward_batch_size)
+    rows = forward_rows(model, x.shape[0], x.shape[1], forward_batch_size, forward_memory_mib,
+                        x.device)
+    runner = RowRunner(model, attention_mask, shift, stats, rows)
     sampler = RowSampler(draws, batch_index, (x.shape[0], stop - start), mask_id=mask_id,
-                         temperature=temperature, probe_id=probe_id)
+                         temperature=temperature, top_p=top_p, probe_id=probe_id)
     rule = MDLMRule(ops, region[:, start:stop], batch_index, start, stop, num_steps, first_step,
                     use_confidence=use_confidence, allow_edits=allow_edits, mask_id=mask_id,
                     pad_id=pad_id, eos_id=eos_id, draws=draws,
@@ -450,22 +663,37 @@ def _canvas_steps(model, x: torch.Tensor, region: torch.Tensor,
 
 
 def _options(num_steps, allow_edits, use_confidence, mask_id, pad_id, eos_id, shift,
-             temperature, draws, generator, forward_batch_size) -> dict:
+             temperature, top_p, draws, generator, forward_batch_size,
+             forward_memory_mib) -> dict:
     return dict(num_steps=num_steps, allow_edits=allow_edits, use_confidence=use_confidence,
                 mask_id=mask_id, pad_id=pad_id, eos_id=eos_id, shift=shift,
-                temperature=temperature, forward_batch_size=forward_batch_size,
+                temperature=temperature, top_p=top_p, forward_batch_size=forward_batch_size,
+                forward_memory_mib=forward_memory_mib,
                 draws=draws if draws is not None else TorchMDLMDraws(generator))
+
+
+def _stream(streamer, prompts, options: dict, stop_id: Optional[int]) -> Optional[AnswerStream]:
+    if streamer is None:
+        return None
+    if stop_id is not None:
+        _check_int("stop_id", stop_id, 0)
+    return AnswerStream(streamer, prompts, mask_id=options["mask_id"], pad_id=options["pad_id"],
+                        eos_id=options["eos_id"], allow_edits=options["allow_edits"],
+                        stop_id=stop_id)
 
 
 def mdlm_generate_steps(model, prompts, *, max_length: int, num_steps: int = 50,
                         allow_edits: bool = True, use_confidence: bool = False, mask_id: int,
                         pad_id: Optional[int] = None, eos_id: Optional[int] = None,
                         shift: int = 0, temperature: float = 1.0,
+                        top_p: Optional[float] = None,
                         adaptive_length: bool = False, length_threshold: float = 0.5,
                         draws: Optional[MDLMDraws] = None,
                         generator: Optional[torch.Generator] = None,
                         backend: Optional[str] = None,
                         forward_batch_size: Optional[int] = None,
+                        forward_memory_mib: Optional[float] = None,
+                        streamer=None, stop_id: Optional[int] = None,
                         stats: Optional[MDLMStats] = None) -> Iterator[StepEvent]:
     """:func:`mdlm_generate` as an iterator: yields a :class:`~genjo_fast.engine.StepEvent`
     after every step (``event.x`` is the canvas, ``(B, W)`` with ``W <= max_length`` once
@@ -476,21 +704,24 @@ def mdlm_generate_steps(model, prompts, *, max_length: int, num_steps: int = 50,
                     use_confidence=use_confidence, mask_id=mask_id, pad_id=pad_id,
                     eos_id=eos_id, shift=shift, temperature=temperature,
                     adaptive_length=adaptive_length, length_threshold=length_threshold,
-                    generator=generator, forward_batch_size=forward_batch_size)
+                    generator=generator, forward_batch_size=forward_batch_size,
+                    forward_memory_mib=forward_memory_mib, top_p=top_p)
     _check_length("max_length", max_length, model, prompts,
                   "generate beyond it block by block (mdlm_semi_autoregressive, or the "
                   "pipeline's semi_autoregressive_generate)")
+    options = _options(num_steps, allow_edits, use_confidence, mask_id, pad_id, eos_id, shift,
+                       temperature, top_p, draws, generator, forward_batch_size,
+                       forward_memory_mib)
     return _generate_steps(model, prompts, max_length, stats if stats is not None else MDLMStats(),
-                           _options(num_steps, allow_edits, use_confidence, mask_id, pad_id,
-                                    eos_id, shift, temperature, draws, generator,
-                                    forward_batch_size),
-                           adaptive_length, length_threshold, backend)
+                           options, adaptive_length, length_threshold, backend,
+                           _stream(streamer, prompts, options, stop_id))
 
 
 @torch.no_grad()
 def _generate_steps(model, prompts: List[torch.Tensor], max_length: int, stats: MDLMStats,
                     options: dict, adaptive_length: bool, length_threshold: float,
-                    backend: Optional[str]) -> Iterator[StepEvent]:
+                    backend: Optional[str], stream: Optional[AnswerStream]
+                    ) -> Iterator[StepEvent]:
     mask_id, pad_id, eos_id = options["mask_id"], options["pad_id"], options["eos_id"]
     num_steps = options["num_steps"]
     device = model_device(model, prompts[0].device)
@@ -503,20 +734,26 @@ def _generate_steps(model, prompts: List[torch.Tensor], max_length: int, stats: 
         region[b, :len(prompt)] = False
     batch_index = torch.arange(batch, device=device)
     common = dict(ops=ops, first_step=0, stats=stats, **options)
+    if stream is not None:
+        stream.begin()
+    told = None if stream is None else lambda: stream.step_canvas(x, region)
     if not adaptive_length:
-        yield from _canvas_steps(model, x, region, None, batch_index, steps=range(num_steps),
-                                 **common)
-        return x
-    probe = yield from _canvas_steps(model, x, region, None, batch_index, steps=range(1),
-                                     probe_id=eos_id, **common)
-    width, attention_mask = cut_at_eos(x, region, probe, length_threshold, eos_id=eos_id,
-                                       pad_id=pad_id)
-    if num_steps > 1:
-        yield from _canvas_steps(model, x[:, :width], region[:, :width], attention_mask,
-                                 batch_index, steps=range(1, num_steps), **common)
+        yield from _with_hook(_canvas_steps(model, x, region, None, batch_index,
+                                            steps=range(num_steps), **common), told)
+    else:
+        probe = yield from _with_hook(
+            _canvas_steps(model, x, region, None, batch_index, steps=range(1), probe_id=eos_id,
+                          **common),
+            None if stream is None else lambda: stream.step_canvas(x, region, settled=False))
+        width, attention_mask = cut_at_eos(x, region, probe, length_threshold, eos_id=eos_id,
+                                           pad_id=pad_id)
+        if num_steps > 1:
+            yield from _with_hook(_canvas_steps(model, x[:, :width], region[:, :width],
+                                                attention_mask, batch_index,
+                                                steps=range(1, num_steps), **common), told)
+    if stream is not None:
+        stream.finish([x[b, len(p):] for b, p in enumerate(prompts)])
     return x
-
-
 def cut_at_eos(x: torch.Tensor, region: torch.Tensor, eos_probability: torch.Tensor,
                threshold: float, *, eos_id: int, pad_id: Optional[int]):
     """``adaptive_length``'s decision after step 0, in place on ``x`` and ``region``.
@@ -559,15 +796,18 @@ def drain_steps(steps: Iterator, observer: Optional[Callable] = None):
             observer(event)
 
 
+
 def mdlm_generate(model, prompts, *, max_length: int, num_steps: int = 50,
                   allow_edits: bool = True, use_confidence: bool = False, mask_id: int,
                   pad_id: Optional[int] = None, eos_id: Optional[int] = None, shift: int = 0,
-                  temperature: float = 1.0, adaptive_length: bool = False,
-                  length_threshold: float = 0.5, draws: Optional[MDLMDraws] = None,
+                  temperature: float = 1.0, top_p: Optional[float] = None,
+                  adaptive_length: bool = False, length_threshold: float = 0.5,
+                  draws: Optional[MDLMDraws] = None,
                   generator: Optional[torch.Generator] = None, backend: Optional[str] = None,
                   forward_batch_size: Optional[int] = None,
-                  observer: Optional[Callable[[StepEvent], None]] = None,
-                  return_stats: bool = False):
+                  forward_memory_mib: Optional[float] = None,
+                  observer: Optional[Callable[[StepEvent], None]] = None, streamer=None,
+                  stop_id: Optional[int] = None, return_stats: bool = False):
     """Generates with a masked LM (or a DiffuGPT-style LM, ``shift=1``) as diffusionGPT's
     pipeline does, batched (``docs/semantics.md``, "Masked LMs").
 
@@ -589,16 +829,30 @@ def mdlm_generate(model, prompts, *, max_length: int, num_steps: int = 50,
             ``eos_id`` is never edited and ends the answer with ``adaptive_length``.
         shift: 1 reads the prediction for position ``i`` at ``i - 1`` (DiffuGPT).
         temperature: divides the logits (1: as upstream; 0: the most probable token).
+        top_p: DiffuLLaMA's nucleus filter: each position samples from the smallest set of
+            most probable tokens whose probability exceeds ``top_p`` (after the temperature);
+            ``None`` (default) or 1: no filter.
         adaptive_length: APPROXIMATE, opt-in: after step 0, in each row the first generated
             position whose EOS probability is ``>= length_threshold`` becomes EOS, the
             positions after it pad, and they are never computed again.
         draws: the uniforms (:class:`~genjo_fast.mdlm_contract.TensorMDLMDraws` to replay the
             statement's); default fresh ones from ``generator``.
         backend: backend of the transfer selection (``genjo_fast.backends``).
-        forward_batch_size: canvas rows per model forward (``None``: the whole batch at once);
-            fewer rows lower the peak memory. Rows where no position can change at a step are
-            not run.
+        forward_batch_size: canvas rows per model forward. ``None`` (default): as many as fit
+            ``forward_memory_mib`` by :func:`activation_bytes`'s estimate (at least one; the
+            whole batch when the model's config does not give the estimate). Rows where no
+            position can change at a step are not run. The rows per forward change no token.
+        forward_memory_mib: the memory budget of one forward's activations, in MiB; default
+            :data:`FORWARD_MEMORY_MIB` (32), on CUDA a quarter of the free device memory.
         observer: called with a :class:`~genjo_fast.engine.StepEvent` after every step.
+        streamer: a transformers-style streamer (``put``, ``end``, optionally ``put_draft``;
+            :mod:`genjo_fast.streaming`): ``put(prompts)``, then after every step ``put`` of
+            what the confirmed part of the answers gained and ``put_draft`` of the rest, then
+            ``end()``. Confirmed: tokens no later step can change (:class:`AnswerStream`: with
+            ``allow_edits`` nothing but EOS before the end). transformers' streamers take
+            batch 1; :class:`~genjo_fast.streaming.DiffusionIteratorStreamer` any batch.
+        stop_id: the streamed answers end before their first ``stop_id`` (the result is not
+            cut; the pipeline cuts its texts there).
         return_stats: also return the :class:`MDLMStats`.
     Returns:
         int64 ``(B, max_length)``: each prompt followed by its generated tokens; with
@@ -608,9 +862,10 @@ def mdlm_generate(model, prompts, *, max_length: int, num_steps: int = 50,
     out = drain_steps(mdlm_generate_steps(
         model, prompts, max_length=max_length, num_steps=num_steps, allow_edits=allow_edits,
         use_confidence=use_confidence, mask_id=mask_id, pad_id=pad_id, eos_id=eos_id,
-        shift=shift, temperature=temperature, adaptive_length=adaptive_length,
+        shift=shift, temperature=temperature, top_p=top_p, adaptive_length=adaptive_length,
         length_threshold=length_threshold, draws=draws, generator=generator, backend=backend,
-        forward_batch_size=forward_batch_size, stats=stats), observer)
+        forward_batch_size=forward_batch_size, forward_memory_mib=forward_memory_mib,
+        streamer=streamer, stop_id=stop_id, stats=stats), observer)
     return (out, stats) if return_stats else out
 
 
@@ -619,13 +874,15 @@ def mdlm_semi_autoregressive_steps(model, prompts, *, block_size: int, max_lengt
                                    use_confidence: bool = False, mask_id: int,
                                    pad_id: Optional[int] = None, eos_id: Optional[int] = None,
                                    shift: int = 0, temperature: float = 1.0,
+                                   top_p: Optional[float] = None,
                                    stop_id: Optional[int] = None,
                                    window: Optional[int] = None,
                                    draws: Optional[MDLMDraws] = None,
                                    generator: Optional[torch.Generator] = None,
                                    backend: Optional[str] = None,
                                    forward_batch_size: Optional[int] = None,
-                                   stats: Optional[MDLMStats] = None
+                                   forward_memory_mib: Optional[float] = None,
+                                   streamer=None, stats: Optional[MDLMStats] = None
                                    ) -> Iterator[List[torch.Tensor]]:
     """:func:`mdlm_semi_autoregressive` as an iterator: yields every sequence's current state
     (a list of int64 1-D tensors, the block in progress included) after every step, and once
@@ -636,7 +893,8 @@ def mdlm_semi_autoregressive_steps(model, prompts, *, block_size: int, max_lengt
                     use_confidence=use_confidence, mask_id=mask_id, pad_id=pad_id,
                     eos_id=eos_id, shift=shift, temperature=temperature,
                     adaptive_length=False, length_threshold=0.5, generator=generator,
-                    forward_batch_size=forward_batch_size)
+                    forward_batch_size=forward_batch_size,
+                    forward_memory_mib=forward_memory_mib, top_p=top_p)
     _check_int("block_size", block_size, 1)
     _check_length("max_length", max_length, model, prompts, "")
     if stop_id is not None:
@@ -650,24 +908,28 @@ def mdlm_semi_autoregressive_steps(model, prompts, *, block_size: int, max_lengt
         raise ValueError(f"block_size={block_size} must be smaller than the context window "
                          f"({window} positions): each block is generated after the last "
                          f"window - block_size tokens of the sequence")
+    options = _options(num_steps, allow_edits, use_confidence, mask_id, pad_id, eos_id, shift,
+                       temperature, top_p, draws, generator, forward_batch_size,
+                       forward_memory_mib)
     return _semi_autoregressive_steps(
         model, prompts, block_size, max_length, window, stop_id,
-        stats if stats is not None else MDLMStats(),
-        _options(num_steps, allow_edits, use_confidence, mask_id, pad_id, eos_id, shift,
-                 temperature, draws, generator, forward_batch_size), backend)
+        stats if stats is not None else MDLMStats(), options, backend,
+        _stream(streamer, prompts, options, stop_id))
 
 
 @torch.no_grad()
 def _semi_autoregressive_steps(model, prompts: List[torch.Tensor], block_size: int,
                                max_length: int, window: int, stop_id: Optional[int],
-                               stats: MDLMStats, options: dict,
-                               backend: Optional[str]) -> Iterator[List[torch.Tensor]]:
+                               stats: MDLMStats, options: dict, backend: Optional[str],
+                               stream: Optional[AnswerStream]) -> Iterator[List[torch.Tensor]]:
     mask_id, num_steps = options["mask_id"], options["num_steps"]
     device = model_device(model, prompts[0].device)
     ops = resolve_backend(backend, device)
     sequences = [p.to(device) for p in prompts]
     blocks = [0] * len(sequences)
     active = [b for b, s in enumerate(sequences) if len(s) < max_length]
+    if stream is not None:
+        stream.begin()
     while active:
         # Rows of equal length have equal windows and blocks: they run as one batch.
         for length in sorted({len(sequences[b]) for b in active}):
@@ -686,6 +948,9 @@ def _semi_autoregressive_steps(model, prompts: List[torch.Tensor], block_size: i
                 current = list(sequences)
                 for i, b in enumerate(group):
                     current[b] = torch.cat([sequences[b], x[i, keep:]])
+                if stream is not None:
+                    changing = stream.changing(x, region)[:, keep:]
+                    stream.step_sequences(current, dict(zip(group, changing)), active)
                 yield current
             stopped = False
             for i, b in enumerate(group):
@@ -699,7 +964,11 @@ def _semi_autoregressive_steps(model, prompts: List[torch.Tensor], block_size: i
                 if len(sequences[b]) >= max_length and b in active:
                     active.remove(b)
             if stopped:
+                if stream is not None:
+                    stream.step_sequences(sequences, {}, active)
                 yield list(sequences)
+    if stream is not None:
+        stream.finish([s[len(p):] for s, p in zip(sequences, prompts)])
     return sequences
 
 
@@ -708,13 +977,15 @@ def mdlm_semi_autoregressive(model, prompts, *, block_size: int, max_length: int
                              use_confidence: bool = False, mask_id: int,
                              pad_id: Optional[int] = None, eos_id: Optional[int] = None,
                              shift: int = 0, temperature: float = 1.0,
+                             top_p: Optional[float] = None,
                              stop_id: Optional[int] = None, window: Optional[int] = None,
                              draws: Optional[MDLMDraws] = None,
                              generator: Optional[torch.Generator] = None,
                              backend: Optional[str] = None,
                              forward_batch_size: Optional[int] = None,
+                             forward_memory_mib: Optional[float] = None,
                              observer: Optional[Callable[[List[torch.Tensor]], None]] = None,
-                             return_stats: bool = False):
+                             streamer=None, return_stats: bool = False):
     """Semi-autoregressive generation beyond the context window, block by block
     (diffusionGPT's ``semi_autoregressive_generate``, batched).
 
@@ -731,6 +1002,8 @@ def mdlm_semi_autoregressive(model, prompts, *, block_size: int, max_length: int
         window: the context window; default :func:`context_window` of the model.
         stop_id: the token that ends a sequence (it is not kept).
         observer: called with the list of current sequences after every step.
+        streamer: as :func:`mdlm_generate`'s; the answers grow block by block, a finished
+            block is confirmed (its tokens never change again).
     Returns:
         a list of int64 1-D tensors, each prompt followed by its generated tokens; with
         ``return_stats``, the pair ``(sequences, MDLMStats)``.
@@ -739,7 +1012,8 @@ def mdlm_semi_autoregressive(model, prompts, *, block_size: int, max_length: int
     out = drain_steps(mdlm_semi_autoregressive_steps(
         model, prompts, block_size=block_size, max_length=max_length, num_steps=num_steps,
         allow_edits=allow_edits, use_confidence=use_confidence, mask_id=mask_id, pad_id=pad_id,
-        eos_id=eos_id, shift=shift, temperature=temperature, stop_id=stop_id, window=window,
-        draws=draws, generator=generator, backend=backend,
-        forward_batch_size=forward_batch_size, stats=stats), observer)
+        eos_id=eos_id, shift=shift, temperature=temperature, top_p=top_p, stop_id=stop_id,
+        window=window, draws=draws, generator=generator, backend=backend,
+        forward_batch_size=forward_batch_size, forward_memory_mib=forward_memory_mib,
+        streamer=streamer, stats=stats), observer)
     return (out, stats) if return_stats else out

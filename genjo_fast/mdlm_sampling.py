@@ -15,6 +15,8 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .sampling import top_p_removed
+
 # Logits per chunk (2 MiB of float32; the float64 draws of a chunk are twice that). Larger
 # chunks read the LM head's weight fewer times but raise the peak memory (on CPU, glibc keeps
 # freed blocks of this size resident).
@@ -23,16 +25,18 @@ _CHUNK_ELEMENTS = 2**19
 
 def sample_rows(chunk: Callable[[int, int], torch.Tensor], num_rows: int, vocab: int,
                 uniform: Callable[[int, int], torch.Tensor], *, mask_id: int,
-                temperature: float, probe_id: Optional[int] = None,
-                chunk_elements: int = _CHUNK_ELEMENTS
+                temperature: float, top_p: Optional[float] = None,
+                probe_id: Optional[int] = None, chunk_elements: int = _CHUNK_ELEMENTS
                 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Samples a token per row from ``softmax`` of its logits (the mask token excluded) and
     reads its probability.
 
     Per row: the mask token's logit becomes the dtype's minimum; the logits are divided by
-    ``temperature`` (unless it is 0 or 1); ``probs = softmax`` in the logits' dtype; the token
-    is ``argmax(logits - log(-log(u)))`` in float64 with ``u`` one uniform per logit (the
-    Gumbel-max trick: a sample of ``probs``), or ``argmax(logits)`` at temperature 0.
+    ``temperature`` (unless it is 0 or 1); with ``top_p < 1`` the ids the nucleus filter
+    removes (:func:`genjo_fast.sampling.top_p_removed`) get the dtype's minimum too;
+    ``probs = softmax`` in the logits' dtype; the token is ``argmax(logits - log(-log(u)))``
+    in float64 with ``u`` one uniform per logit (the Gumbel-max trick: a sample of ``probs``),
+    or ``argmax(logits)`` at temperature 0.
 
     Args:
         chunk: ``chunk(a, b)`` -> float ``(b - a, vocab)``, the logits of rows ``a:b``, a
@@ -41,6 +45,7 @@ def sample_rows(chunk: Callable[[int, int], torch.Tensor], num_rows: int, vocab:
         uniform: ``uniform(a, b)`` -> float64 ``U(0, 1)`` ``(b - a, vocab)``, overwritten too;
             not called at temperature 0.
         mask_id: the mask token, never sampled.
+        top_p: the nucleus filter's mass (``None`` or ``>= 1``: off).
         probe_id: also return every row's probability of this token (e.g. EOS).
         chunk_elements: rows are processed ``max(1, chunk_elements // vocab)`` at a time.
     Returns:
@@ -55,6 +60,8 @@ def sample_rows(chunk: Callable[[int, int], torch.Tensor], num_rows: int, vocab:
         logits[:, mask_id] = torch.finfo(logits.dtype).min
         if temperature not in (0, 1):
             logits.div_(temperature)
+        if top_p is not None and top_p < 1:
+            logits.masked_fill_(top_p_removed(logits, top_p), torch.finfo(logits.dtype).min)
         if x0 is None:
             x0 = torch.empty(num_rows, dtype=torch.long, device=logits.device)
             p = torch.empty(num_rows, dtype=logits.dtype, device=logits.device)

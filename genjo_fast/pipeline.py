@@ -35,8 +35,9 @@ TASK = "text-diffusion"
 
 #: Call options of ``pipe(...)`` / ``stream_generation``, by stage.
 _PREPROCESS = ("max_length", "add_special_tokens")
-_FORWARD = ("num_steps", "allow_edits", "use_confidence", "temperature", "adaptive_length",
-            "length_threshold", "generator", "forward_batch_size", "return_history")
+_FORWARD = ("num_steps", "allow_edits", "use_confidence", "temperature", "top_p",
+            "adaptive_length", "length_threshold", "generator", "forward_batch_size",
+            "forward_memory_mib", "streamer", "return_history")
 _POSTPROCESS = ("stop_token", "skip_special_tokens")
 #: Upstream's default canvas length when the config has no ``seq_length``.
 DEFAULT_MAX_LENGTH = 512
@@ -59,9 +60,17 @@ class TextDiffusionPipeline(Pipeline):
     * ``stop_token``: a token of the vocabulary; the generated text is cut before its first
       occurrence;
     * ``return_history`` (False): also return the canvas after every step;
-    * ``temperature`` (1.0), ``generator`` (a ``torch.Generator``), ``adaptive_length``
-      (False, approximate), ``length_threshold`` (0.5) and ``forward_batch_size`` (rows per
-      model forward; default all): see :func:`genjo_fast.mdlm_generate`;
+    * ``temperature`` (1.0), ``top_p`` (None: DiffuLLaMA's nucleus filter when < 1),
+      ``generator`` (a ``torch.Generator``), ``adaptive_length`` (False, approximate),
+      ``length_threshold`` (0.5), ``forward_batch_size`` (canvas rows per model forward;
+      default: as many as ``forward_memory_mib`` holds, 32 MiB by default on a CPU): see
+      :func:`genjo_fast.mdlm_generate`;
+    * ``streamer``: a transformers streamer (``TextStreamer``, ``TextIteratorStreamer``,
+      ``TextDiffusionStreamer``: one prompt) or
+      :class:`genjo_fast.streaming.DiffusionIteratorStreamer` (any batch), driven as
+      :func:`genjo_fast.mdlm_generate` says: the prompt, then per step the confirmed tokens
+      (those no later step can change: with ``allow_edits`` none before the end) and the
+      draft, the answer ending before ``stop_token``; the prompts must form one batch;
     * ``add_special_tokens`` (True, as ``tokenizer.encode``), ``skip_special_tokens`` (False:
       upstream decodes every token);
     * ``batch_size``: prompts per batch (default: all at once).
@@ -105,16 +114,20 @@ class TextDiffusionPipeline(Pipeline):
 
     def _forward(self, model_inputs: Dict[str, Any], num_steps: int = 50,
                  allow_edits: bool = True, use_confidence: bool = False,
-                 temperature: float = 1.0, adaptive_length: bool = False,
-                 length_threshold: float = 0.5, generator: Optional[torch.Generator] = None,
+                 temperature: float = 1.0, top_p: Optional[float] = None,
+                 adaptive_length: bool = False, length_threshold: float = 0.5,
+                 generator: Optional[torch.Generator] = None,
                  forward_batch_size: Optional[int] = None,
-                 return_history: bool = False) -> Dict[str, Any]:
+                 forward_memory_mib: Optional[float] = None, streamer=None,
+                 return_history: bool = False, stop_id: Optional[int] = None
+                 ) -> Dict[str, Any]:
         steps = mdlm_generate_steps(
             self.model, model_inputs["prompts"], max_length=model_inputs["max_length"],
             num_steps=num_steps, allow_edits=allow_edits, use_confidence=use_confidence,
-            **self._special_ids(), shift=self.shift, temperature=temperature,
+            **self._special_ids(), shift=self.shift, temperature=temperature, top_p=top_p,
             adaptive_length=adaptive_length, length_threshold=length_threshold,
-            generator=generator, forward_batch_size=forward_batch_size)
+            generator=generator, forward_batch_size=forward_batch_size,
+            forward_memory_mib=forward_memory_mib, streamer=streamer, stop_id=stop_id)
         history = None
         if return_history:
             history = [_initial_canvas(model_inputs, self.tokenizer.mask_token_id)]
@@ -148,13 +161,19 @@ class TextDiffusionPipeline(Pipeline):
         class docstring for the options and :meth:`postprocess` for the result."""
         texts = _as_texts(inputs)
         preprocess, forward, postprocess = self._merged(options)
-        self._stop_id(postprocess.get("stop_token"))  # a bad stop token fails before the work
+        # a bad stop token fails before the work; a streamer's answers end before it
+        stop_id = self._stop_id(postprocess.get("stop_token"))
         batch_size = _batch_size(batch_size if batch_size is not None else self._batch_size,
                                  len(texts))
+        if forward.get("streamer") is not None and batch_size < len(texts):
+            raise ValueError(f"streamer= streams one batch: {len(texts)} prompts do not fit "
+                             f"batch_size={batch_size}; pass batch_size=None (all at once) or "
+                             f"call once per batch")
         results = []
         for i in range(0, len(texts), batch_size):
             model_inputs = self.preprocess(texts[i:i + batch_size], **preprocess)
-            results += self.postprocess(self.forward(model_inputs, **forward), **postprocess)
+            results += self.postprocess(self.forward(model_inputs, stop_id=stop_id, **forward),
+                                        **postprocess)
         return results[0] if isinstance(inputs, str) else results
 
     def stream_generation(self, inputs: Union[str, List[str]], **options
@@ -174,7 +193,7 @@ class TextDiffusionPipeline(Pipeline):
         steps = mdlm_generate_steps(
             self.model, [p.to(self.device) for p in model_inputs["prompts"]],
             max_length=model_inputs["max_length"], **self._special_ids(), shift=self.shift,
-            **forward)
+            stop_id=stop_id, **forward)
 
         def decode(canvas, cut=False):
             out = [self.tokenizer.decode(_cut(ids, n, stop_id) if cut else ids,
@@ -201,8 +220,10 @@ class TextDiffusionPipeline(Pipeline):
         ``max_length`` tokens (prompt included) or a block holds ``stop_token`` (cut before
         it). Returns a result dict (a list of them for a list of texts) with the keys of
         :meth:`postprocess`; ``history`` holds every step's full sequence when
-        ``return_history=True``. Other options: ``temperature``, ``generator``,
-        ``forward_batch_size``, ``add_special_tokens``, ``skip_special_tokens``."""
+        ``return_history=True``. Other options: ``temperature``, ``top_p``, ``generator``,
+        ``forward_batch_size``, ``forward_memory_mib``, ``add_special_tokens``,
+        ``skip_special_tokens``, and ``streamer`` (as for a call: the answers grow block by
+        block, and a finished block is confirmed)."""
         keep_history = options.get("return_history", False)
         history, final = [], None
         for state in self._semi_autoregressive(inputs, block_size, max_length, num_steps,
@@ -268,8 +289,9 @@ class TextDiffusionPipeline(Pipeline):
                              use_confidence, stop_token, options, keep_final):
         """The states of every step (lists of 1-D tensors), then a :class:`_Final` when
         ``keep_final``."""
-        allowed = {"temperature", "generator", "add_special_tokens", "skip_special_tokens",
-                   "forward_batch_size", "return_history"}
+        allowed = {"temperature", "top_p", "generator", "add_special_tokens",
+                   "skip_special_tokens", "forward_batch_size", "forward_memory_mib",
+                   "streamer", "return_history"}
         unknown = sorted(set(options) - allowed)
         if unknown:
             raise TypeError(f"{TASK} semi-autoregressive: unknown option(s) "
@@ -284,9 +306,11 @@ class TextDiffusionPipeline(Pipeline):
             block_size=block_size, max_length=max_length, num_steps=num_steps,
             allow_edits=allow_edits, use_confidence=use_confidence, **self._special_ids(),
             shift=self.shift, temperature=options.get("temperature", 1.0),
-            stop_id=self._stop_id(stop_token), window=self.window,
+            top_p=options.get("top_p"), stop_id=self._stop_id(stop_token), window=self.window,
             generator=options.get("generator"),
-            forward_batch_size=options.get("forward_batch_size"))
+            forward_batch_size=options.get("forward_batch_size"),
+            forward_memory_mib=options.get("forward_memory_mib"),
+            streamer=options.get("streamer"))
         while True:
             try:
                 yield next(steps)

@@ -13,8 +13,8 @@ one upstream call. Its departures from upstream, each stated in the document:
 * ties in confidence go to the lowest position;
 * prompt positions are never written, whatever they hold; in semi-autoregressive generation
   the context tokens before the block are never written either;
-* an optional temperature (upstream has none; DiffuLLaMA's ``logits_temp``), and the opt-in
-  approximate ``adaptive_length`` mode.
+* an optional temperature (upstream has none; DiffuLLaMA's ``logits_temp``) and top-p filter
+  (DiffuLLaMA's ``topp_temp``), and the opt-in approximate ``adaptive_length`` mode.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from .contract import call_model
 from .mdlm_contract import (MDLMDraws, TorchMDLMDraws, edit_probability, model_call_kwargs,
                             num_to_unmask, open_positions, unmask_probability, visible_positions)
 from .reference import topk_lowest_position
+from .reference_dream import top_p_logits
 
 
 def model_logits(model, x: torch.Tensor, attention_mask: Optional[torch.Tensor],
@@ -41,16 +42,20 @@ def model_logits(model, x: torch.Tensor, attention_mask: Optional[torch.Tensor],
 
 
 def sample_tokens(logits: torch.Tensor, uniform: Optional[torch.Tensor], mask_id: int,
-                  temperature: float):
+                  temperature: float, top_p: Optional[float] = None):
     """A token per position and its probability.
 
     The mask token's logit is set to the dtype's minimum, the logits divided by the
-    temperature (when it is neither 0 nor 1), ``probs = softmax`` in the logits' dtype; the
-    token is the argmax of ``logits - log(-log(u))`` in float64 (a sample of ``probs``), or of
-    the logits at temperature 0; its probability is read from ``probs``.
+    temperature (when it is neither 0 nor 1), then, when ``top_p < 1``, DiffuLLaMA's nucleus
+    filter (:func:`genjo_fast.reference_dream.top_p_logits`: the ids beyond the smallest
+    most-probable set whose mass exceeds ``top_p`` get the dtype's minimum); ``probs =
+    softmax`` in the logits' dtype; the token is the argmax of ``logits - log(-log(u))`` in
+    float64 (a sample of ``probs``), or of the logits at temperature 0; its probability is
+    read from ``probs``.
 
     Args:
         logits: ``(..., V)``; uniform: float64 ``(..., V)`` draws (unused at temperature 0).
+        top_p: the filter's mass; ``None`` or ``>= 1``: off.
     Returns:
         ``x0`` int64 ``(...)``, ``p`` ``(...)`` in the logits' dtype, ``probs`` ``(..., V)``.
     """
@@ -58,6 +63,8 @@ def sample_tokens(logits: torch.Tensor, uniform: Optional[torch.Tensor], mask_id
     logits[..., mask_id] = torch.finfo(logits.dtype).min
     if temperature not in (0, 1):
         logits = logits / temperature
+    if top_p is not None and top_p < 1:
+        logits = top_p_logits(logits, top_p)
     probs = F.softmax(logits, dim=-1)
     if temperature == 0:
         x0 = torch.argmax(logits, dim=-1)
@@ -71,7 +78,7 @@ def denoise_step(model, x: torch.Tensor, region: torch.Tensor,
                  global_step: int, batch_index: torch.Tensor, allow_edits: bool,
                  use_confidence: bool, mask_id: int, pad_id: Optional[int],
                  eos_id: Optional[int], shift: int, temperature: float,
-                 draws: MDLMDraws) -> torch.Tensor:
+                 draws: MDLMDraws, top_p: Optional[float] = None) -> torch.Tensor:
     """One step of the upstream loop on the canvas ``x`` (int64 ``(B, L)``, updated in place).
 
     Args:
@@ -89,7 +96,7 @@ def denoise_step(model, x: torch.Tensor, region: torch.Tensor,
     positions = torch.arange(length, device=x.device).repeat(batch)
     uniform = draws.token(global_step, rows, positions, vocab, x.device).view(batch, length,
                                                                               vocab)
-    sampled, confidence, probs = sample_tokens(logits, uniform, mask_id, temperature)
+    sampled, confidence, probs = sample_tokens(logits, uniform, mask_id, temperature, top_p)
 
     opened = open_positions(x, region, mask_id, pad_id)
     p_unmask = unmask_probability(step, num_steps)
@@ -126,8 +133,8 @@ def canvas(prompts: Sequence[torch.Tensor], length: int, mask_id: int):
 def generate(model, prompts: Sequence[torch.Tensor], *, max_length: int, num_steps: int = 50,
              allow_edits: bool = True, use_confidence: bool = False, mask_id: int,
              pad_id: Optional[int] = None, eos_id: Optional[int] = None, shift: int = 0,
-             temperature: float = 1.0, adaptive_length: bool = False,
-             length_threshold: float = 0.5,
+             temperature: float = 1.0, top_p: Optional[float] = None,
+             adaptive_length: bool = False, length_threshold: float = 0.5,
              draws: Optional[MDLMDraws] = None) -> torch.Tensor:
     """The upstream pipeline call for each prompt: prompt + masks up to ``max_length``,
     ``num_steps`` steps (:func:`denoise_step`).
@@ -152,7 +159,7 @@ def generate(model, prompts: Sequence[torch.Tensor], *, max_length: int, num_ste
                              num_steps, global_step=step, batch_index=batch_index,
                              allow_edits=allow_edits, use_confidence=use_confidence,
                              mask_id=mask_id, pad_id=pad_id, eos_id=eos_id, shift=shift,
-                             temperature=temperature, draws=draws)
+                             temperature=temperature, top_p=top_p, draws=draws)
         if adaptive_length and step == 0:
             lengths = []
             for b in range(len(prompts)):
@@ -178,7 +185,8 @@ def semi_autoregressive_generate(model, prompts: Sequence[torch.Tensor], *, bloc
                                  allow_edits: bool = True, use_confidence: bool = False,
                                  mask_id: int, pad_id: Optional[int] = None,
                                  eos_id: Optional[int] = None, shift: int = 0,
-                                 temperature: float = 1.0, stop_id: Optional[int] = None,
+                                 temperature: float = 1.0, top_p: Optional[float] = None,
+                                 stop_id: Optional[int] = None,
                                  draws: Optional[MDLMDraws] = None) -> List[torch.Tensor]:
     """Upstream's block-by-block generation beyond the context window, one prompt at a time.
 
@@ -207,7 +215,7 @@ def semi_autoregressive_generate(model, prompts: Sequence[torch.Tensor], *, bloc
                              batch_index=torch.tensor([b], device=x.device),
                              allow_edits=allow_edits, use_confidence=use_confidence,
                              mask_id=mask_id, pad_id=pad_id, eos_id=eos_id, shift=shift,
-                             temperature=temperature, draws=draws)
+                             temperature=temperature, top_p=top_p, draws=draws)
             new = x[0, len(context):]
             if stop_id is not None and bool((new == stop_id).any()):
                 sequence = torch.cat([sequence, new[:int((new == stop_id).nonzero()[0])]])

@@ -224,6 +224,22 @@ def check_dream_sample_args(logits, temperature, confidence, top_p, top_k) -> No
         raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
 
 
+def top_p_removed(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The ids the nucleus (top-p) filter removes: with the logits sorted in decreasing order
+    (ties by lowest id), those whose cumulative softmax probability (computed in the logits'
+    dtype) exceeds ``top_p``, except the first of them and the most probable id.
+
+    Args:
+        logits: ``(..., V)`` float (not modified).
+    Returns:
+        bool ``(..., V)``: True where removed.
+    """
+    ordered, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+    drop = torch.cumsum(F.softmax(ordered, dim=-1), dim=-1) > top_p
+    drop = torch.cat([torch.zeros_like(drop[..., :1]), drop[..., :-1]], dim=-1)
+    return torch.zeros_like(drop).scatter_(-1, order, drop)
+
+
 def dream_probs(logits: torch.Tensor, temperature: float, top_p: Optional[float] = None,
                 top_k: Optional[int] = None) -> torch.Tensor:
     """Upstream's distribution of a row, in the logits' dtype: ``logits / temperature`` (only
@@ -244,10 +260,7 @@ def dream_probs(logits: torch.Tensor, temperature: float, top_p: Optional[float]
         logits = logits / temperature
     lowest = torch.finfo(logits.dtype).min
     if top_p is not None and top_p < 1:
-        ordered, order = torch.sort(logits, dim=-1, descending=True, stable=True)
-        drop = torch.cumsum(F.softmax(ordered, dim=-1), dim=-1) > top_p
-        drop = torch.cat([torch.zeros_like(drop[..., :1]), drop[..., :-1]], dim=-1)
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter_(-1, order, drop), lowest)
+        logits = logits.masked_fill(top_p_removed(logits, top_p), lowest)
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, lowest)

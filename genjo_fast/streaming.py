@@ -1,6 +1,8 @@
 """Streaming the denoising: transformers' streamer protocol, and genjo_fast's own streamer.
 
-``generate(..., streamer=s)`` and ``diffusion_generate(..., streamer=s)`` drive any object
+``generate(..., streamer=s)``, ``diffusion_generate(..., streamer=s)`` and the masked-LM
+family's ``mdlm_generate`` / ``mdlm_semi_autoregressive`` (the ``text-diffusion`` pipeline's
+``streamer=``) drive any object
 with transformers' streamer methods (``transformers.TextStreamer``,
 ``TextIteratorStreamer``, ``TextDiffusionStreamer``, or :class:`DiffusionIteratorStreamer`
 below), in this order:
@@ -12,7 +14,10 @@ below), in this order:
      the ids it gained. The confirmed part is the longest prefix of the answer that is
      decoded (no mask id) in every row: LLaDA and Dream never change a decoded token, so it
      can only grow. With a sampler that rewrites decoded tokens (``edits=True``, e.g. Seed
-     Diffusion's edits) nothing is confirmed before the end;
+     Diffusion's edits) nothing is confirmed before the end. A sampler that knows which
+     positions may still change passes them (``step(answer, still_open)``): the confirmed
+     part is then the longest prefix where none may (the masked-LM family: a token that can
+     still be edited, or a pad that is sampled again, is not confirmed);
    * ``s.put_draft(draft)`` if the streamer has ``put_draft``: ``draft`` int64 ``(B, n)``,
      the answer after the confirmed part, mask ids included (``n`` is 0 once all is
      confirmed). The next draft replaces it (``TextDiffusionStreamer`` redraws it in place);
@@ -38,7 +43,7 @@ import torch
 from .engine import StepEvent
 
 __all__ = ["StreamAdapter", "DiffusionIteratorStreamer", "StreamUpdate", "decoded_prefix",
-           "check_streamer"]
+           "settled_prefix", "check_streamer"]
 
 
 def check_streamer(streamer) -> None:
@@ -57,8 +62,14 @@ def check_streamer(streamer) -> None:
 def decoded_prefix(answer: torch.Tensor, mask_id: int) -> int:
     """The length of the longest prefix of ``answer`` (int ``(B, A)``) that holds no
     ``mask_id`` in any row."""
-    masked = (answer == mask_id).any(0)
-    return int(masked.int().argmax()) if bool(masked.any()) else answer.shape[1]
+    return settled_prefix(answer == mask_id)
+
+
+def settled_prefix(still_open: torch.Tensor) -> int:
+    """The length of the longest prefix of columns of ``still_open`` (bool ``(B, A)``) with no
+    ``True`` in any row."""
+    still_open = still_open.any(0).cpu()
+    return int(still_open.int().argmax()) if bool(still_open.any()) else still_open.shape[0]
 
 
 class StreamAdapter:
@@ -89,12 +100,19 @@ class StreamAdapter:
         self.confirmed = 0
         self.streamer.put(_host_copy(prompt))
 
-    def step(self, answer: torch.Tensor) -> None:
+    def step(self, answer: torch.Tensor, still_open: Optional[torch.Tensor] = None) -> None:
         """After a step: ``answer`` int64 ``(B, A)``, the generated positions as they stand
         (any device; copied to the host once). ``A`` may grow between steps (answers generated
-        block after block beyond a window); what was confirmed must not change."""
+        block after block beyond a window); what was confirmed must not change.
+
+        ``still_open``: bool ``(B, A)``, the positions a later step may still change, for
+        samplers that know (the masked-LM family, :class:`genjo_fast.mdlm.AnswerStream`): the
+        confirmed part is then the longest prefix with no such position in any row. Default:
+        the positions holding the mask id (nothing before the end with ``edits``)."""
         answer = _host_copy(answer)
-        if not self.edits:
+        if still_open is not None:
+            self._confirm(answer, settled_prefix(still_open))
+        elif not self.edits:
             self._confirm(answer, decoded_prefix(answer, self.mask_id))
         if self.put_draft is not None:
             self.put_draft(answer[:, self.confirmed:])

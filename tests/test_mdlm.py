@@ -12,9 +12,9 @@ import torch
 pytest.importorskip("transformers")
 
 from genjo_fast import engine, reference_mdlm  # noqa: E402
-from genjo_fast.mdlm import (MDLMStats, RowRunner, context_window, cut_at_eos,  # noqa: E402
-                             head_split, mdlm_generate, mdlm_generate_steps,
-                             mdlm_semi_autoregressive)
+from genjo_fast.mdlm import (MDLMStats, RowRunner, activation_bytes,  # noqa: E402
+                             context_window, cut_at_eos, forward_rows, head_split,
+                             mdlm_generate, mdlm_generate_steps, mdlm_semi_autoregressive)
 from genjo_fast.mdlm_contract import (TensorMDLMDraws, TorchMDLMDraws,  # noqa: E402
                                       edit_probability, num_to_unmask, unmask_probability)
 from genjo_fast.mdlm_sampling import sample_rows  # noqa: E402
@@ -140,6 +140,72 @@ def test_temperature_equals_statement(models, prompts, temperature):
     assert torch.equal(mdlm_generate(models["modernbert"], prompts, draws=draws, **kw), expected)
 
 
+@pytest.mark.parametrize("kind", ["modernbert", "gpt2"])
+@pytest.mark.parametrize("use_confidence", [False, True])
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 0.9), (0.7, 0.5), (1.5, 0.2), (0.0, 0.6)])
+def test_top_p_equals_statement(models, prompts, kind, use_confidence, temperature, top_p):
+    """DiffuLLaMA's nucleus filter: the same tokens as the statement for the same draws;
+    different tokens from the unfiltered sampler at temperature > 0; at temperature 0 the
+    tokens are the argmax either way (the filter only renormalises the confidences)."""
+    kw = options(kind, max_length=28, num_steps=6, use_confidence=use_confidence,
+                 temperature=temperature)
+    draws = fresh_draws(6, len(prompts), 28, seed=21)
+    expected = reference_mdlm.generate(models[kind], prompts, draws=draws, top_p=top_p, **kw)
+    out = mdlm_generate(models[kind], prompts, draws=draws, top_p=top_p, **kw)
+    assert torch.equal(out, expected)
+    unfiltered = mdlm_generate(models[kind], prompts, draws=draws, **kw)
+    if temperature > 0:
+        assert not torch.equal(out, unfiltered)
+    elif not use_confidence:
+        assert torch.equal(out, unfiltered)
+
+
+def test_top_p_one_is_no_filter(models, prompts):
+    kw = options("bert", max_length=24, num_steps=4)
+    draws = fresh_draws(4, len(prompts), 24, seed=22)
+    plain = mdlm_generate(models["bert"], prompts, draws=draws, **kw)
+    assert torch.equal(mdlm_generate(models["bert"], prompts, draws=draws, top_p=1.0, **kw),
+                       plain)
+    assert torch.equal(reference_mdlm.generate(models["bert"], prompts, draws=draws, top_p=1,
+                                               **kw), plain)
+
+
+def test_top_p_semi_autoregressive_equals_statement(models, prompts):
+    kw = options("roberta", block_size=6, max_length=40, num_steps=3, top_p=0.7)
+    draws = fresh_draws(30, len(prompts), 20, seed=23)
+    expected = reference_mdlm.semi_autoregressive_generate(models["roberta"], prompts,
+                                                           context_window=20, draws=draws, **kw)
+    out = mdlm_semi_autoregressive(models["roberta"], prompts, window=20, draws=draws, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(out, expected))
+
+
+def test_top_p_frequencies_match_the_nucleus():
+    """Tokens outside the nucleus are never drawn; inside it the frequencies are the
+    renormalised probabilities (the reported probability too)."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 3.0, 0.0, -1.0, 1.5, 0.2]])
+    mask_id, temperature, top_p = 3, 0.8, 0.75
+    masked = logits.masked_fill(torch.arange(8) == mask_id, -torch.inf) / temperature
+    probs = torch.softmax(masked, -1)[0]
+    order = probs.argsort(descending=True)
+    before = torch.cumsum(probs[order], 0) - probs[order]  # mass of the more probable ids
+    kept = torch.zeros(8, dtype=torch.bool)
+    kept[order[before <= top_p]] = True  # the ids up to the one crossing top_p
+    assert 1 < int(kept.sum()) < 7  # the setting filters something and keeps a choice
+    expected = torch.where(kept, probs, 0) / probs[kept].sum()
+    n = 40000
+    generator = torch.Generator().manual_seed(2)
+    tokens, p, _ = sample_rows(lambda a, b: logits.expand(b - a, 8).clone(), n, 8,
+                               lambda a, b: torch.rand((b - a, 8), dtype=torch.float64,
+                                                       generator=generator),
+                               mask_id=mask_id, temperature=temperature, top_p=top_p,
+                               chunk_elements=4096)
+    counts = torch.bincount(tokens, minlength=8).double() / n
+    assert bool((counts[~kept] == 0).all())
+    sigma = (expected * (1 - expected) / n).sqrt()
+    assert bool(((counts - expected).abs() <= 5 * sigma + 1e-12).all()), (counts, expected)
+    torch.testing.assert_close(p, expected.float()[tokens])
+
+
 def test_edits_change_decoded_tokens(models, prompts):
     """With the same draws, edits rewrite tokens that were already decoded."""
     kw = options("bert", max_length=30, num_steps=8)
@@ -173,6 +239,47 @@ def test_forward_batch_size_equals_statement(models, prompts, kind, forward_batc
     assert torch.equal(out, expected)
     assert stats.forwards <= 8 * -(-len(prompts) // forward_batch_size)
     assert stats.forward_tokens <= 8 * len(prompts) * 30
+
+
+def test_forward_rows_by_memory_budget(models, prompts):
+    """The default runs as many canvas rows per forward as the budget holds by the estimate:
+    a budget below one row's estimate runs one row at a time, the default (32 MiB) the tiny
+    batch at once; the tokens are the statement's either way."""
+    model, width = models["modernbert"], 30
+    per_row = activation_bytes(model, width) * width
+    kw = options("modernbert", max_length=width, num_steps=5)
+    draws = fresh_draws(5, len(prompts), width, seed=16)
+    expected = reference_mdlm.generate(model, prompts, draws=draws, **kw)
+    for budget, rows in ((None, 3), (per_row * 0.9 / 2**20, 1), (per_row * 2.5 / 2**20, 2)):
+        assert forward_rows(model, len(prompts), width, forward_memory_mib=budget) == rows
+        out, stats = mdlm_generate(model, prompts, draws=draws, forward_memory_mib=budget,
+                                   return_stats=True, **kw)
+        assert torch.equal(out, expected)
+        assert stats.forwards == 5 * -(-len(prompts) // rows)  # every row changes every step
+    assert forward_rows(model, 3, width, forward_batch_size=2, forward_memory_mib=1e-6) == 2
+    assert forward_rows(model, 3, width, forward_batch_size=8) == 3
+
+
+def test_activation_bytes_estimate(models):
+    """e * (12 hidden + 10 intermediate), + 4 heads x width with eager attention, + the
+    vocabulary for a model returning full logits; None without a config's hidden size."""
+    bert = models["bert"]  # hidden 32, intermediate 64, 2 heads
+    eager = bert.config._attn_implementation == "eager"
+    assert activation_bytes(bert, 30) == 4 * (12 * 32 + 10 * 64 + (4 * 2 * 30 if eager else 0))
+    gpt2 = tiny_model("gpt2", intermediate=48)
+    gpt2.config._attn_implementation = "eager"
+    assert activation_bytes(gpt2, 10) == 4 * (12 * 32 + 10 * 48 + 4 * 2 * 10)
+    assert activation_bytes(gpt2.half(), 10) == 2 * (12 * 32 + 10 * 48 + 4 * 2 * 10)
+
+    class NoKnownHead(torch.nn.Module):  # full logits: the vocabulary counts
+        def __init__(self):
+            super().__init__()
+            self.config = bert.config
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+    assert activation_bytes(NoKnownHead(), 30) == activation_bytes(bert, 30) + 4 * VOCAB
+    model = TinyBidirectionalLM(VOCAB, d_model=16, n_heads=2, n_layers=1)
+    assert activation_bytes(model, 30) is None
+    assert forward_rows(model, 5, 30, forward_memory_mib=1e-6) == 5  # unknown: all rows
 
 
 def test_model_without_a_known_head_runs_its_full_forward(prompts):
@@ -525,6 +632,11 @@ def test_runner_runs_only_the_canvas_rows_that_change(models):
     (dict(mask_id=VOCAB), ValueError, "mask_id=61 is outside the model vocabulary"),
     (dict(generator=0), TypeError, "generator must be a torch.Generator"),
     (dict(forward_batch_size=0), ValueError, "forward_batch_size must be >= 1"),
+    (dict(forward_memory_mib=0), ValueError, "forward_memory_mib must be a positive number"),
+    (dict(forward_memory_mib="64"), ValueError, "forward_memory_mib must be a positive"),
+    (dict(top_p=0.0), ValueError, r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), ValueError, r"top_p must be in \(0, 1\]"),
+    (dict(top_p=True), ValueError, r"top_p must be in \(0, 1\]"),
 ])
 def test_bad_arguments(models, prompts, overrides, error, match):
     kw = options("bert", max_length=24, num_steps=4)

@@ -166,6 +166,24 @@ def test_adaptive_length_option(pipes):
     assert out["final_ids"][0, 2:].tolist() == [EOS_ID] + [PAD_ID] * 27
 
 
+@pytest.mark.parametrize("kind", ["roberta", "gpt2"])
+def test_top_p_and_forward_memory_options(pipes, tokenizer, kind):
+    """top_p and forward_memory_mib reach mdlm_generate (a budget below one row's estimate
+    runs one canvas row per forward: the same tokens)."""
+    pipe = pipes[kind]
+    options = dict(num_steps=4, max_length=30, top_p=0.6, temperature=0.8)
+    outs = pipe(PROMPTS[:2], forward_memory_mib=1e-3, generator=torch.Generator().manual_seed(2),
+                **options)
+    expected = mdlm_generate(pipe.model, [tokenizer.encode(p) for p in PROMPTS[:2]],
+                             mask_id=MASK_ID, pad_id=PAD_ID, eos_id=EOS_ID, shift=pipe.shift,
+                             generator=torch.Generator().manual_seed(2), **options)
+    assert all(torch.equal(out["final_ids"][0], row) for out, row in zip(outs, expected))
+    semi = pipe.semi_autoregressive_generate(PROMPTS[1], block_size=8, max_length=50,
+                                             num_steps=2, top_p=0.6, forward_memory_mib=1e-3,
+                                             generator=torch.Generator().manual_seed(3))
+    assert semi["final_ids"].shape == (1, 50)
+
+
 def test_shift_from_the_config(tokenizer):
     model = tiny_model("gpt2", positions=40)
     model.config.shift_logits = True
@@ -215,6 +233,8 @@ def test_unknown_options_are_errors(pipes):
                                       "generate beyond it"),
     (dict(stop_token="zebra"), ValueError, "stop_token='zebra' is not a token"),
     (dict(batch_size=0), ValueError, "batch_size must be a positive int"),
+    (dict(top_p=0), ValueError, "top_p must be in"),
+    (dict(forward_memory_mib=-1), ValueError, "forward_memory_mib must be a positive number"),
 ])
 def test_bad_call_options(pipes, options, error, match):
     with pytest.raises(error, match=match):

@@ -370,3 +370,294 @@ def test_diffusion_generate_drives_the_protocol(alg, monkeypatch):
     assert torch.equal(out, plain)
     assert_calls(recorder.calls, expected_calls(inputs, states, out, inputs.shape[1], 96))
     assert len(states) == stats.nfe
+
+
+# -- masked LMs: mdlm_generate, mdlm_semi_autoregressive and the text-diffusion pipeline -------
+
+def _mdlm():
+    from genjo_fast import testing_mdlm
+    return testing_mdlm
+
+
+@pytest.fixture(scope="module")
+def mdlm_tokenizer():
+    return _mdlm().tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def mdlm_model():
+    return _mdlm().tiny_model("bert", positions=40)
+
+
+def mdlm_ids():
+    t = _mdlm()
+    return dict(mask_id=t.MASK_ID, pad_id=t.PAD_ID, eos_id=t.EOS_ID)
+
+
+def mdlm_expected_calls(prompts, states, final, *, allow_edits, stop_id=None, settle_from=0):
+    """The protocol's calls for canvases ``states`` after each step, statement of the family's
+    contract: a generated position may still change while it holds the mask or the pad id,
+    or, with edits, any token but EOS; the answers end before ``stop_id`` (the padding after a
+    cut changes while the stop token may); rows are right-padded with the pad id; before step
+    ``settle_from`` every generated position may change (adaptive length)."""
+    t = _mdlm()
+
+    def rows(x, done, settled=True):
+        out = []
+        for b, prompt in enumerate(prompts):
+            answer = x[b, len(prompt):]
+            may = torch.zeros(len(answer), dtype=torch.bool)
+            if not done:
+                may = (answer == t.MASK_ID) | (answer == t.PAD_ID)
+                if allow_edits:
+                    may |= ~may & (answer != t.EOS_ID)
+                if not settled:
+                    may[:] = True
+            tail = False
+            if stop_id is not None and bool((answer == stop_id).any()):
+                end = int((answer == stop_id).nonzero()[0])
+                answer, may, tail = answer[:end], may[:end], bool(may[end])
+            out.append((answer, may, tail))
+        width = max(len(a) for a, _, _ in out)
+        ids = torch.full((len(out), width), t.PAD_ID)
+        still = torch.zeros((len(out), width), dtype=torch.bool)
+        for b, (answer, may, tail) in enumerate(out):
+            ids[b, :len(answer)], still[b, :len(answer)], still[b, len(answer):] = answer, may, tail
+        return ids, still
+
+    width = max(len(p) for p in prompts)
+    prompt = torch.full((len(prompts), width), t.PAD_ID)
+    for b, p in enumerate(prompts):
+        prompt[b, width - len(p):] = p
+    calls, confirmed = [("put", prompt)], 0
+    for i, x in enumerate(states):
+        ids, still = rows(x, False, i >= settle_from)
+        cols = still.any(0)
+        prefix = int(cols.int().argmax()) if bool(cols.any()) else ids.shape[1]
+        if prefix > confirmed:
+            calls.append(("put", ids[:, confirmed:prefix]))
+            confirmed = prefix
+        calls.append(("draft", ids[:, confirmed:]))
+    ids, _ = rows(final, True)
+    if ids.shape[1] > confirmed:
+        calls.append(("put", ids[:, confirmed:]))
+    calls.append(("end", None))
+    return calls
+
+
+MDLM_PROMPTS = [[7, 8, 9], [10, 11], [12, 13, 14, 15, 16]]
+
+
+@pytest.mark.parametrize("kw", [dict(allow_edits=False), dict(allow_edits=True),
+                                dict(allow_edits=False, use_confidence=True),
+                                dict(allow_edits=False, stop_id=20),
+                                dict(allow_edits=True, stop_id=20),
+                                dict(allow_edits=False, adaptive_length=True,
+                                     length_threshold=0.05)],
+                         ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_mdlm_generate_drives_the_protocol_step_by_step(mdlm_model, kw, batch):
+    from genjo_fast.mdlm import mdlm_generate
+    prompts = [torch.tensor(p) for p in MDLM_PROMPTS[:batch]]
+    model = mdlm_model
+    if "stop_id" in kw:  # make the stop token frequent
+        model = _mdlm().tiny_model("bert", positions=40)
+        with torch.no_grad():
+            model.cls.predictions.bias[20] += 3.0
+    common = dict(max_length=24, num_steps=6, **mdlm_ids(), **kw)
+    plain = mdlm_generate(model, prompts, generator=torch.Generator().manual_seed(0), **common)
+    recorder, (states, observer) = Recorder(), snapshots()
+    out = mdlm_generate(model, prompts, streamer=recorder, observer=observer,
+                        generator=torch.Generator().manual_seed(0), **common)
+    assert torch.equal(out, plain)  # streaming changes no token
+    width = 24  # the canvas before adaptive length's cut: the full state is the result's
+    full = [torch.cat([x, out[:, x.shape[1]:]], 1) if x.shape[1] < width else x for x in states]
+    assert_calls(recorder.calls, mdlm_expected_calls(
+        prompts, full, out, allow_edits=kw["allow_edits"], stop_id=kw.get("stop_id"),
+        settle_from=1 if kw.get("adaptive_length") else 0))
+    assert [name for name, _ in recorder.calls].count("draft") == len(states)
+    assert len(states) == 6 or kw.get("adaptive_length")  # the cut may leave nothing to do
+    # what was put after the prompt adds up to the answers (cut, padded)
+    answers = torch.cat([v for name, v in recorder.calls[1:] if name == "put"], dim=1)
+    for b, p in enumerate(prompts):
+        answer = out[b, len(p):]
+        if "stop_id" in kw and bool((answer == 20).any()):
+            answer = answer[:int((answer == 20).nonzero()[0])]
+        assert torch.equal(answers[b, :len(answer)], answer)
+        assert bool((answers[b, len(answer):] == _mdlm().PAD_ID).all())
+
+
+def test_mdlm_edits_confirm_nothing_a_later_step_may_edit(mdlm_model):
+    """With edits, a visible token may be rewritten at any step (the last included), so it is
+    not confirmed: the confirmed part stays empty before the end, and some token shown in a
+    draft is indeed rewritten later; without edits decoded tokens arrive before the end."""
+    from genjo_fast.mdlm import mdlm_generate
+    prompt = [torch.tensor([7, 8, 9])]
+    common = dict(max_length=30, num_steps=8, **mdlm_ids())
+    for allow_edits in (True, False):
+        recorder = Recorder()
+        out = mdlm_generate(mdlm_model, prompt, streamer=recorder, allow_edits=allow_edits,
+                            generator=torch.Generator().manual_seed(3), **common)
+        names = [name for name, _ in recorder.calls]
+        early = names[1:len(names) - names[::-1].index("draft")].count("put")
+        drafts = [v[0] for name, v in recorder.calls if name == "draft"]
+        puts = [v for name, v in recorder.calls[1:] if name == "put"]
+        assert names[-1] == "end" and torch.equal(torch.cat(puts, dim=1)[0], out[0, 3:])
+        if allow_edits:
+            assert early == 0 and all(len(d) == 27 for d in drafts)
+            rewritten = any(bool(((a != b) & (a != MASK_ID_MDLM) & (b != MASK_ID_MDLM)).any())
+                            for a, b in zip(drafts, drafts[1:]))
+            assert rewritten
+        else:
+            assert early > 0
+
+
+MASK_ID_MDLM = 1  # testing_mdlm's mask id (its specials are ids 0..5)
+
+
+def test_mdlm_semi_autoregressive_confirms_finished_blocks(mdlm_model):
+    """Beyond the window, block by block: a finished block never changes, so it is confirmed
+    even with edits; the streamed answer is the result."""
+    from genjo_fast.mdlm import mdlm_semi_autoregressive
+    prompts = [torch.tensor([7, 8, 9])]
+    recorder = Recorder()
+    out = mdlm_semi_autoregressive(mdlm_model, prompts, block_size=8, max_length=43,
+                                   num_steps=3, window=20, streamer=recorder,
+                                   generator=torch.Generator().manual_seed(4), **mdlm_ids())
+    names = [name for name, _ in recorder.calls]
+    assert names.count("draft") == 5 * 3 and names[-1] == "end"
+    puts = [v for name, v in recorder.calls[1:] if name == "put"]
+    assert len(puts) >= 5  # each finished block (4 of them before the last), then the rest
+    assert torch.equal(torch.cat(puts, dim=1)[0], out[0][3:])
+    confirmed, step = 0, 0
+    for name, value in recorder.calls[1:-1]:
+        if name == "put":
+            confirmed += value.shape[1]
+        else:  # the draft of step `step`, in block step // 3 (40 = 5 blocks of 8)
+            block = step // 3
+            assert confirmed >= 8 * block  # the finished blocks are confirmed
+            assert confirmed + value.shape[1] == 8 * (block + 1)
+            step += 1
+
+
+def test_mdlm_iterator_streamer_any_batch(mdlm_tokenizer):
+    """DiffusionIteratorStreamer with prompts of different lengths: one update per step, then
+    the final one, whose texts are the rows' answers."""
+    from genjo_fast.pipeline import TextDiffusionPipeline
+    t = _mdlm()
+    pipe = TextDiffusionPipeline(t.tiny_model("roberta", positions=40), mdlm_tokenizer,
+                                 device="cpu")
+    texts = ["the cat", "yes no what why how the dog"]
+    streamer = DiffusionIteratorStreamer(mdlm_tokenizer, t.MASK_ID, stop_ids=(t.EOS_ID,),
+                                         timeout=60)
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("out", pipe(
+        texts, num_steps=5, max_length=24, allow_edits=False, streamer=streamer,
+        generator=torch.Generator().manual_seed(5))))
+    thread.start()
+    updates = list(streamer)
+    thread.join()
+    assert len(updates) == 6 and updates[-1].done
+    for row, (text, out) in enumerate(zip(texts, result["out"])):
+        n = len(mdlm_tokenizer.encode(text))
+        answer = out["final_ids"][0, n:].tolist()
+        stop = answer.index(t.EOS_ID) if t.EOS_ID in answer else len(answer)
+        assert updates[-1].text(row) == mdlm_tokenizer.decode(answer[:stop],
+                                                              skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def mdlm_pipe(mdlm_tokenizer):
+    from genjo_fast.pipeline import TextDiffusionPipeline
+    return TextDiffusionPipeline(_mdlm().tiny_model("modernbert", positions=40),
+                                 mdlm_tokenizer, device="cpu")
+
+
+PIPE_PROMPT = "<|im_start|> user what is the cat <|im_end|> <|im_start|> assistant"
+
+
+def _answer(pipe, out):
+    return out["final_ids"][0, len(pipe.tokenizer.encode(PIPE_PROMPT)):]
+
+
+@pytest.mark.parametrize("allow_edits", [False, True])
+def test_pipe_text_streamer_prints_the_final_text(mdlm_pipe, allow_edits):
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        out = mdlm_pipe(PIPE_PROMPT, num_steps=6, max_length=30, allow_edits=allow_edits,
+                        streamer=transformers.TextStreamer(mdlm_pipe.tokenizer, skip_prompt=True),
+                        generator=torch.Generator().manual_seed(6))
+    assert stdout.getvalue() == mdlm_pipe.tokenizer.decode(_answer(mdlm_pipe, out)) + "\n"
+
+
+def test_pipe_streamer_text_ends_before_the_stop_token(mdlm_pipe):
+    full = mdlm_pipe(PIPE_PROMPT, num_steps=4, max_length=30,
+                     generator=torch.Generator().manual_seed(7))
+    stop = mdlm_pipe.tokenizer.convert_ids_to_tokens(int(_answer(mdlm_pipe, full)[5]))
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        out = mdlm_pipe(PIPE_PROMPT, num_steps=4, max_length=30, stop_token=stop,
+                        streamer=transformers.TextStreamer(mdlm_pipe.tokenizer, skip_prompt=True),
+                        generator=torch.Generator().manual_seed(7))
+    answer = _answer(mdlm_pipe, out)
+    assert len(answer) <= 5  # cut before the stop token
+    assert stdout.getvalue() == mdlm_pipe.tokenizer.decode(answer) + "\n"
+    assert out["decoded_texts"][0].endswith(stdout.getvalue()[:-1])
+
+
+def test_pipe_text_iterator_streamer_in_a_thread(mdlm_pipe):
+    streamer = transformers.TextIteratorStreamer(mdlm_pipe.tokenizer, skip_prompt=True,
+                                                 timeout=60)
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("out", mdlm_pipe(
+        PIPE_PROMPT, num_steps=5, max_length=30, allow_edits=False, streamer=streamer,
+        generator=torch.Generator().manual_seed(8))))
+    thread.start()
+    text = "".join(streamer)
+    thread.join()
+    assert text == mdlm_pipe.tokenizer.decode(_answer(mdlm_pipe, result["out"]))
+
+
+def test_pipe_text_diffusion_streamer_draws_every_step(mdlm_pipe):
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        out = mdlm_pipe(PIPE_PROMPT, num_steps=6, max_length=30,
+                        streamer=transformers.TextDiffusionStreamer(mdlm_pipe.tokenizer,
+                                                                    skip_prompt=True),
+                        generator=torch.Generator().manual_seed(9))
+    printed = stdout.getvalue()
+    drafts = re.findall("\0337\033\\[33m(.*?)\033\\[0m", printed, flags=re.S)
+    assert len(drafts) == 6  # one per step
+    assert drafts[0].count(mdlm_pipe.tokenizer.mask_token) > 0
+    permanent = re.sub("\0337\033\\[33m.*?\033\\[0m", "", printed, flags=re.S)
+    permanent = permanent.replace("\0338\033[J", "")
+    assert permanent == mdlm_pipe.tokenizer.decode(_answer(mdlm_pipe, out)) + "\n"
+
+
+def test_pipe_semi_autoregressive_streamer(mdlm_pipe):
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        out = mdlm_pipe.semi_autoregressive_generate(
+            PIPE_PROMPT, block_size=10, max_length=60, num_steps=2,
+            streamer=transformers.TextDiffusionStreamer(mdlm_pipe.tokenizer, skip_prompt=True),
+            generator=torch.Generator().manual_seed(10))
+    printed = stdout.getvalue()
+    assert len(re.findall("\0337\033\\[33m", printed)) == 6 * 2  # 6 blocks, 2 steps each
+    permanent = re.sub("\0337\033\\[33m.*?\033\\[0m", "", printed, flags=re.S)
+    assert permanent.replace("\0338\033[J", "") == mdlm_pipe.tokenizer.decode(
+        _answer(mdlm_pipe, out)) + "\n"
+
+
+def test_pipe_streamer_errors(mdlm_pipe, mdlm_tokenizer):
+    with pytest.raises(ValueError, match="batch size 1"):
+        mdlm_pipe(["the cat", "the dog"], num_steps=2, max_length=20,
+                  streamer=transformers.TextStreamer(mdlm_tokenizer))
+    with pytest.raises(ValueError, match="streamer= streams one batch"):
+        mdlm_pipe(["the cat", "the dog"], num_steps=2, max_length=20, batch_size=1,
+                  streamer=Recorder())
+    with pytest.raises(TypeError, match="streamer must have a callable put"):
+        mdlm_pipe("the cat", num_steps=2, max_length=20, streamer=object())
+    from genjo_fast.mdlm import mdlm_generate
+    with pytest.raises(ValueError, match="needs pad_id or eos_id"):
+        mdlm_generate(mdlm_pipe.model, [[7, 8], [9]], max_length=20, num_steps=2,
+                      mask_id=_mdlm().MASK_ID, streamer=Recorder())
