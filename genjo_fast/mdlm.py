@@ -200,12 +200,13 @@ class RowRunner:
                          lambda a, b: head(gathered[a:b])), None
 
 
-#: Default budget of one model forward's activations, in MiB, on devices other than CUDA. On a
-#: CPU a forward over one canvas row of a few hundred positions already keeps the matmuls busy,
-#: so fewer rows per forward cost no measurable time, while the forward of a whole batch
-#: dominates the peak memory (measured: a 2-layer ModernBERT-base-shaped model, 8 rows of 256
-#: positions: about 92 MiB for the forward against about 8 MiB for the sampler's chunk).
-FORWARD_MEMORY_MIB = 32.0
+#: Default budget of one model forward's activations, in MiB, on devices other than CUDA: about
+#: 512 positions of a base-size (hidden 768) model by :func:`activation_bytes`. On a CPU such a
+#: forward keeps the matmuls busy (a 2-layer ModernBERT-base-shaped model, 8 rows of 256
+#: positions: the same CPU time at 2, 4 or 8 rows per forward, about 7% more at 1), while the
+#: forward of a whole batch sets the peak memory (there: about 92 MiB for the forward of the 8
+#: rows, against about 8 MiB for the sampler's chunk of rows).
+FORWARD_MEMORY_MIB = 48.0
 #: On CUDA the default budget is this fraction of the device's free memory at the call: there
 #: a forward over few rows leaves the device idle, and memory is plentiful.
 CUDA_FORWARD_MEMORY_FRACTION = 0.25
@@ -613,19 +614,6 @@ class AnswerStream:
                           dtype=torch.long)
 
 
-def _with_hook(events: Iterator, hook: Optional[Callable[[], None]]):
-    """Yields the items of ``events``, calling ``hook()`` before each; returns the iterator's
-    return value."""
-    while True:
-        try:
-            event = next(events)
-        except StopIteration as done:
-            return done.value
-        if hook is not None:
-            hook()
-        yield event
-
-
 # ----------------------------------------------------------------------------------------------
 # Front-ends.
 
@@ -637,11 +625,13 @@ def _canvas_steps(model, x: torch.Tensor, region: torch.Tensor,
                   top_p: Optional[float], draws: MDLMDraws, stats: MDLMStats,
                   forward_batch_size: Optional[int] = None,
                   forward_memory_mib: Optional[float] = None,
-                  probe_id: Optional[int] = None) -> Iterator[StepEvent]:
+                  probe_id: Optional[int] = None,
+                  after_step: Optional[Callable[[], None]] = None) -> Iterator[StepEvent]:
     """Runs steps ``steps`` (of ``num_steps``) on the canvas ``x`` (int64 ``(B, W)``, updated
-    in place) through the engine, yielding its events. Only ``region`` (bool ``(B, W)``) is
-    written; the engine's window spans the region's columns. Returns (as the generator's
-    value) the sampler's last ``probe_id`` probabilities (``None`` without a probe)."""
+    in place) through the engine, yielding its events (``after_step()`` is called before each
+    is yielded). Only ``region`` (bool ``(B, W)``) is written; the engine's window spans the
+    region's columns. Returns (as the generator's value) the sampler's last ``probe_id``
+    probabilities (``None`` without a probe)."""
     columns = region.any(0).nonzero()
     if len(columns) == 0:  # nothing left to generate
         return None
@@ -658,6 +648,8 @@ def _canvas_steps(model, x: torch.Tensor, region: torch.Tensor,
     window = Window(0, start, stop, len(steps), first_step + steps.start)
     for event in denoise_steps(x, [window], runner, sampler, rule, mask_id=mask_id):
         stats.steps += 1
+        if after_step is not None:
+            after_step()
         yield event
     return sampler.probe
 
@@ -738,19 +730,19 @@ def _generate_steps(model, prompts: List[torch.Tensor], max_length: int, stats: 
         stream.begin()
     told = None if stream is None else lambda: stream.step_canvas(x, region)
     if not adaptive_length:
-        yield from _with_hook(_canvas_steps(model, x, region, None, batch_index,
-                                            steps=range(num_steps), **common), told)
+        yield from _canvas_steps(model, x, region, None, batch_index, steps=range(num_steps),
+                                 after_step=told, **common)
     else:
-        probe = yield from _with_hook(
-            _canvas_steps(model, x, region, None, batch_index, steps=range(1), probe_id=eos_id,
-                          **common),
-            None if stream is None else lambda: stream.step_canvas(x, region, settled=False))
+        probe = yield from _canvas_steps(
+            model, x, region, None, batch_index, steps=range(1), probe_id=eos_id,
+            after_step=None if stream is None else
+            lambda: stream.step_canvas(x, region, settled=False), **common)
         width, attention_mask = cut_at_eos(x, region, probe, length_threshold, eos_id=eos_id,
                                            pad_id=pad_id)
         if num_steps > 1:
-            yield from _with_hook(_canvas_steps(model, x[:, :width], region[:, :width],
-                                                attention_mask, batch_index,
-                                                steps=range(1, num_steps), **common), told)
+            yield from _canvas_steps(model, x[:, :width], region[:, :width], attention_mask,
+                                     batch_index, steps=range(1, num_steps), after_step=told,
+                                     **common)
     if stream is not None:
         stream.finish([x[b, len(p):] for b, p in enumerate(prompts)])
     return x
@@ -843,7 +835,7 @@ def mdlm_generate(model, prompts, *, max_length: int, num_steps: int = 50,
             whole batch when the model's config does not give the estimate). Rows where no
             position can change at a step are not run. The rows per forward change no token.
         forward_memory_mib: the memory budget of one forward's activations, in MiB; default
-            :data:`FORWARD_MEMORY_MIB` (32), on CUDA a quarter of the free device memory.
+            :data:`FORWARD_MEMORY_MIB` (48), on CUDA a quarter of the free device memory.
         observer: called with a :class:`~genjo_fast.engine.StepEvent` after every step.
         streamer: a transformers-style streamer (``put``, ``end``, optionally ``put_draft``;
             :mod:`genjo_fast.streaming`): ``put(prompts)``, then after every step ``put`` of

@@ -63,7 +63,7 @@ class TextDiffusionPipeline(Pipeline):
     * ``temperature`` (1.0), ``top_p`` (None: DiffuLLaMA's nucleus filter when < 1),
       ``generator`` (a ``torch.Generator``), ``adaptive_length`` (False, approximate),
       ``length_threshold`` (0.5), ``forward_batch_size`` (canvas rows per model forward;
-      default: as many as ``forward_memory_mib`` holds, 32 MiB by default on a CPU): see
+      default: as many as ``forward_memory_mib`` holds, 48 MiB by default on a CPU): see
       :func:`genjo_fast.mdlm_generate`;
     * ``streamer``: a transformers streamer (``TextStreamer``, ``TextIteratorStreamer``,
       ``TextDiffusionStreamer``: one prompt) or

@@ -243,7 +243,7 @@ def test_forward_batch_size_equals_statement(models, prompts, kind, forward_batc
 
 def test_forward_rows_by_memory_budget(models, prompts):
     """The default runs as many canvas rows per forward as the budget holds by the estimate:
-    a budget below one row's estimate runs one row at a time, the default (32 MiB) the tiny
+    a budget below one row's estimate runs one row at a time, the default (48 MiB) the tiny
     batch at once; the tokens are the statement's either way."""
     model, width = models["modernbert"], 30
     per_row = activation_bytes(model, width) * width

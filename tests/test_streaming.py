@@ -448,6 +448,16 @@ def mdlm_expected_calls(prompts, states, final, *, allow_edits, stop_id=None, se
 MDLM_PROMPTS = [[7, 8, 9], [10, 11], [12, 13, 14, 15, 16]]
 
 
+def iterate_in_a_thread(streamer, call):
+    """Runs ``call()`` in a thread while iterating ``streamer``: (the items, the result)."""
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("out", call()))
+    thread.start()
+    items = list(streamer)
+    thread.join()
+    return items, result["out"]
+
+
 @pytest.mark.parametrize("kw", [dict(allow_edits=False), dict(allow_edits=True),
                                 dict(allow_edits=False, use_confidence=True),
                                 dict(allow_edits=False, stop_id=20),
@@ -550,15 +560,11 @@ def test_mdlm_iterator_streamer_any_batch(mdlm_tokenizer):
     texts = ["the cat", "yes no what why how the dog"]
     streamer = DiffusionIteratorStreamer(mdlm_tokenizer, t.MASK_ID, stop_ids=(t.EOS_ID,),
                                          timeout=60)
-    result = {}
-    thread = threading.Thread(target=lambda: result.setdefault("out", pipe(
+    updates, outs = iterate_in_a_thread(streamer, lambda: pipe(
         texts, num_steps=5, max_length=24, allow_edits=False, streamer=streamer,
-        generator=torch.Generator().manual_seed(5))))
-    thread.start()
-    updates = list(streamer)
-    thread.join()
+        generator=torch.Generator().manual_seed(5)))
     assert len(updates) == 6 and updates[-1].done
-    for row, (text, out) in enumerate(zip(texts, result["out"])):
+    for row, (text, out) in enumerate(zip(texts, outs)):
         n = len(mdlm_tokenizer.encode(text))
         answer = out["final_ids"][0, n:].tolist()
         stop = answer.index(t.EOS_ID) if t.EOS_ID in answer else len(answer)
@@ -608,14 +614,10 @@ def test_pipe_streamer_text_ends_before_the_stop_token(mdlm_pipe):
 def test_pipe_text_iterator_streamer_in_a_thread(mdlm_pipe):
     streamer = transformers.TextIteratorStreamer(mdlm_pipe.tokenizer, skip_prompt=True,
                                                  timeout=60)
-    result = {}
-    thread = threading.Thread(target=lambda: result.setdefault("out", mdlm_pipe(
+    pieces, out = iterate_in_a_thread(streamer, lambda: mdlm_pipe(
         PIPE_PROMPT, num_steps=5, max_length=30, allow_edits=False, streamer=streamer,
-        generator=torch.Generator().manual_seed(8))))
-    thread.start()
-    text = "".join(streamer)
-    thread.join()
-    assert text == mdlm_pipe.tokenizer.decode(_answer(mdlm_pipe, result["out"]))
+        generator=torch.Generator().manual_seed(8)))
+    assert "".join(pieces) == mdlm_pipe.tokenizer.decode(_answer(mdlm_pipe, out))
 
 
 def test_pipe_text_diffusion_streamer_draws_every_step(mdlm_pipe):
