@@ -3,8 +3,9 @@
 ``python benchmarks/render_results.py`` reads every ``benchmarks/results/*.json`` (written by
 the benchmarks' harness, one file per device, ``*.quick.json`` for quick-mode runs) and
 replaces each ``{{ <module> }}`` line of ``benchmarks/RESULTS.template.md`` with the tables of
-``benchmarks/test_bench_<module>.py``'s recorded cases: one table per device, from the full runs
-when there are any for that module and device, else from the quick runs (labelled so).
+``benchmarks/test_bench_<module>.py``'s recorded cases: per device (from the full runs when
+there are any for that module and device, else from the quick runs, labelled so), one table
+per set of sides the cases time.
 ``--check`` only compares: exit status 1 when ``RESULTS.md`` is not what the records give.
 """
 from __future__ import annotations
@@ -159,7 +160,10 @@ def render_module(module: str, results) -> str:
     blocks = []
     for slug, (quick, records) in results[module].items():
         checks = _unique(c for r in records for c in r["checks"])
-        block = [_preamble(records, quick), "", render_table(records)]
+        block = [_preamble(records, quick)]
+        # Cases that time different sides (e.g. a comparison and an ablation) get a table each.
+        for sides in _unique(tuple(r["sides"]) for r in records):
+            block += ["", render_table([r for r in records if tuple(r["sides"]) == sides])]
         if checks:
             block += ["", "Checked (a failed check fails the benchmark and records nothing): "
                       + "; ".join(checks) + "."]
