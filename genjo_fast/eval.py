@@ -433,6 +433,23 @@ class GenjoFastLM(LM):
             :func:`load_tokenizer`.
     """
 
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: Optional[dict] = None):
+        """The model from ``--model_args`` (``arg_dict``) plus lm-eval's own options
+        (``--batch_size``, ``--device``, ...). A setting given both ways takes the
+        ``--model_args`` value: lm-eval always passes its ``--batch_size`` (1 unless given),
+        which would otherwise collide with ``model_args``' ``batch_size``."""
+        extra = {key: value for key, value in (additional_config or {}).items()
+                 if value is not None and key not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None):
+        """:meth:`create_from_arg_obj` of the parsed ``key=value,...`` string."""
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
     def __init__(self, pretrained=None, tokenizer=None, mask_id: Optional[int] = None,
                  max_length: int = 4096, batch_size=32, mc_num: int = 128,
                  is_check_greedy=True, cfg: float = 0., steps: int = 1024,
