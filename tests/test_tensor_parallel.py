@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.device_mesh import init_device_mesh
 
 import genjo_fast
 from genjo_fast import parallel, parallel_demo
@@ -132,6 +133,7 @@ def worker(rank, store_file, checkpoint, results):
     try:
         models = build_models()
         torch.manual_seed(100 + rank)  # parallelize gives every rank rank 0's RNG state
+        models["whole_head"][1]["group"] = init_device_mesh("cpu", (WORLD,))  # a mesh works
         for model, kw in models.values():
             parallel.parallelize(model, **kw)
         out = scenarios(models)
@@ -144,6 +146,11 @@ def worker(rank, store_file, checkpoint, results):
             parallel.parallelize(llada)
         except ValueError as error:
             out["twice"] = str(error)
+        try:
+            parallel.parallelize(build_models()["llada"][0],
+                                 group=init_device_mesh("cpu", (1, WORLD)))
+        except ValueError as error:
+            out["mesh_2d"] = str(error)
         loaded = parallel.load_parallel(checkpoint, dtype=torch.float32)
         x, mask = prompts()
         with torch.no_grad():
@@ -198,7 +205,8 @@ def runs(tmp_path_factory):
 LOGITS = ["llada_logits", "llada_logits_slice", "dream_logits", "tied_logits",
           "whole_head_logits", "likelihood", "likelihood_cfg"]
 TOKENS = ["llada_default_rng", "llada_t0", "llada_t1", "llada_cfg", "llada_prefix",
-          "llada_dual", "llada_dual_threshold", "dream_t0", "dream_t1", "dream_dual", "whole_head_t0"]
+          "llada_dual", "llada_dual_threshold", "dream_t0", "dream_t1", "dream_dual",
+          "whole_head_t0"]
 
 
 @pytest.mark.parametrize("name", LOGITS)
@@ -235,6 +243,7 @@ def test_ranks_hold_their_share(runs):
         assert out["same_on_all_ranks"].all()
         assert out["kv_heads_per_rank"].tolist() == [1, 1]  # 2 kv heads over 2 ranks
         assert "already parallelised" in out["twice"]
+        assert "one-dimensional" in out["mesh_2d"]
 
 
 def one_process_answer(model, path):
