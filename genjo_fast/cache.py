@@ -24,11 +24,10 @@ CacheableModel = Union[LLaDAModel, DreamModel]
 
 
 def kv_geometry(model: CacheableModel) -> Tuple[int, int, int]:
-    """``(layers, kv_heads, head_dim)`` of a LLaDA or Dream model."""
-    config = model.config
-    if isinstance(model, DreamModel):
-        return config.num_hidden_layers, config.num_key_value_heads, config.head_dim
-    return config.n_layers, config.n_kv_heads, config.head_dim
+    """``(layers, kv_heads, head_dim)`` of a LLaDA or Dream model: the key/value heads its
+    layers compute (this rank's share under tensor parallelism, :mod:`genjo_fast.parallel`)."""
+    layers = _layer_parts(model)[1]
+    return len(layers), layers[0].n_kv_heads, layers[0].head_dim
 
 
 def _layer_parts(model: CacheableModel):
