@@ -19,18 +19,19 @@ What makes it faster than upstream without changing a token at temperature 0:
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from .backends import resolve_backend
 from .cache import CachedBlockLogits, check_cache_fits
-from .contract import model_device, model_vocab_size
+from .contract import DREAM, model_device, model_vocab_size
 from .draws import Draws
 from .dream_settings import DreamGenerateOutput, resolve_settings
 from .engine import StepEvent, Window, denoise, progress_bar
 from .models import DreamModel, dream_from_reference, is_dream
 from .runners import FullForward
+from .stopping import Compaction, RowStopper, resolve_stop_ids, stop_token_ids
 from .streaming import StreamAdapter
 from .transfer import AdaptiveRule
 from .validation import (_check_int, check_approximate_args, check_generator,
@@ -99,6 +100,10 @@ class DreamSampler:
             confidence = confidence.view(batch, n)
         return x0.view(batch, n), confidence
 
+    def compact(self, compaction: Compaction) -> None:
+        """Reads the canvas of the rows that go on (stopping at EOS)."""
+        self.canvas = compaction.canvas
+
     def _uniform(self, step: int, start: int, n: int, device: torch.device) -> torch.Tensor:
         """``draws.remask`` (float32) for the window's positions, or fresh from the
         generator."""
@@ -133,28 +138,47 @@ class MeanCountRule:
     ``softmax(confidence / alg_temp)``: the ``k`` largest ``p / -log(u)`` in float64, one
     uniform per position (``draws.position``), PyTorch's own algorithm for ``multinomial``.
     ``k`` is computed on the device in upstream's float32 arithmetic (no host sync). A row
-    with fewer masked positions than ``k`` unmasks all of them (see ``docs/semantics.md``)."""
+    with fewer masked positions than ``k`` unmasks all of them (see ``docs/semantics.md``).
+
+    Rows that stopped at EOS (:meth:`compact`) still count in the mean: the masked count each
+    would have in the call without ``stop_at_eos`` is kept without running it (it unmasks
+    ``min(k, count)`` per step; each window starts fully masked)."""
 
     def __init__(self, ops, times: DreamTimes, batch: int, *, alg_temp: Optional[float],
                  generator: Optional[torch.Generator], draws: Optional[Draws]):
         self.ops = ops
         self.times = times
-        self.batch = batch
+        self.batch = batch  # rows running
+        self.call_rows = batch  # the call's rows: the mean's denominator
         self.alg_temp = alg_temp or None
         self.generator = generator
         self.draws = draws
-        self.start = 0
+        self.start = self.stop = 0
+        self.stopped: Optional[torch.Tensor] = None  # int64 (d,): counts of stopped rows
 
     def begin(self, window: Window) -> None:
-        self.start = window.start  # the position draws' indices
+        self.start, self.stop = window.start, window.stop  # the position draws' indices
+        if self.stopped is not None:
+            self.stopped.fill_(window.stop - window.start)
 
     def prepare(self, i: int) -> bool:
         return True
 
+    def compact(self, compaction: Compaction) -> None:
+        """Rows stopped at EOS: their masked counts in the window join :attr:`stopped`."""
+        counts = compaction.dropped_masked[:, self.start:self.stop].sum(1)
+        self.stopped = counts if self.stopped is None else torch.cat([self.stopped, counts])
+        self.batch = compaction.keep.numel()
+
     def __call__(self, confidence: torch.Tensor, masked: torch.Tensor,
                  step: int) -> torch.Tensor:
-        mean = masked.sum() / masked.shape[0]  # float32, as upstream's mask_index.sum() / B
+        total = masked.sum()
+        if self.stopped is not None:
+            total = total + self.stopped.sum()
+        mean = total / self.call_rows  # float32, as upstream's mask_index.sum() / B
         k = (mean * self.times.fraction(step)).long()  # int() truncates (>= 0)
+        if self.stopped is not None:
+            self.stopped -= torch.minimum(self.stopped, k)
         num_transfer = k.expand(self.batch)
         if self.alg_temp is not None:
             weights = torch.softmax(confidence / self.alg_temp, dim=-1)  # confidence's dtype
@@ -182,9 +206,9 @@ class FiniteRule:
 
 
 class Hooks:
-    """Upstream's two hooks and ``output_history``, as parts of the loop: the logits hook wraps
-    the runner (it sees the whole canvas's shifted logits), the tokens hook and the history
-    follow each step (as an engine observer)."""
+    """Upstream's two hooks and ``output_history``, as parts of the loop: with a hook,
+    :meth:`run` wraps the runner (the hooks see the whole canvas's shifted logits); the tokens
+    hook and the history follow each step (as an engine observer)."""
 
     def __init__(self, runner: FullForward, logits_hook: Optional[Callable],
                  tokens_hook: Optional[Callable], history: Optional[list],
@@ -198,10 +222,9 @@ class Hooks:
         self.step = 0
 
     def run(self, x: torch.Tensor, start: int, stop: int, full: bool = True):
-        """The runner's call; with a hook, the logits of every position (the hooks see the
-        whole canvas's shifted logits), through the logits hook."""
-        if self.logits_hook is None and self.tokens_hook is None:
-            return self.runner(x, start, stop, full)
+        """The runner's call when a hook is given (without one, the runner runs itself): the
+        logits of every position (the hooks see the whole canvas's shifted logits), through
+        the logits hook."""
         logits, _ = self.runner(x, 1, x.shape[1], full)  # predictions for positions 1 .. L-1
         logits = torch.cat([logits[:, :1], logits], dim=1)  # position 0: the same first row
         if self.logits_hook is not None:
@@ -233,7 +256,8 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
                        streamer=None, progress: bool = False, return_stats: bool = False,
                        block_length: Optional[int] = None, cache: Optional[str] = None,
                        refresh_every: Optional[int] = None, threshold: Optional[float] = None,
-                       factor: Optional[float] = None, **settings):
+                       factor: Optional[float] = None, stop_at_eos: bool = False,
+                       stop_ids: Optional[Sequence[int]] = None, **settings):
     """Masked-diffusion sampling for Dream-7B, a drop-in replacement for upstream's
     ``model.diffusion_generate(inputs, generation_config=None, **kwargs)``.
 
@@ -295,6 +319,18 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
         threshold, factor: APPROXIMATE, opt-in parallel decoding (needs ``block_length``; not
             with ``alg="origin"`` or ``alg_temp``): as LLaDA's ``generate``; ``steps`` is then
             only validated.
+        stop_at_eos: end each row once its answer is settled: once some generated position
+            ``p`` holds one of ``stop_ids`` and every generated position before ``p`` is
+            decoded, the row's tokens up to and including ``p`` can no longer change; its
+            positions after ``p`` are filled with ``stop_ids[0]`` (EOS by default, Dream's
+            padding) and later forwards run only the rows still generating (the call ends
+            when none is left). The stopped rows keep counting in the batch-mean count. The
+            tokens up to and including each row's first stop id are those of the same call
+            without the option, with the exceptions ``docs/semantics.md`` ("Stopping at
+            EOS") states (temperature > 0: upstream's whole-call fallback to the argmax).
+            Not with the hooks (they see the whole batch's logits).
+        stop_ids: the ids that end an answer, with ``stop_at_eos`` only; default Dream's
+            ``<|endoftext|>`` and ``<|im_end|>`` (151643, 151645).
         **settings: upstream's: ``max_length`` (canvas length, prompt included) or
             ``max_new_tokens`` (takes precedence), ``steps`` (512), ``eps`` (1e-3, in (0, 1)),
             ``alg`` (``"origin"``, ``"maskgit_plus"``, ``"topk_margin"``, ``"entropy"``),
@@ -305,7 +341,8 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
         int64 ``(B * num_return_sequences, max_length)`` (prompt included); with
         ``return_dict_in_generate``, a :class:`~genjo_fast.dream_settings.DreamGenerateOutput`
         (``.sequences``, ``.history``); with ``return_stats``, the pair
-        ``(result, GenerateStats)``.
+        ``(result, GenerateStats)``. With ``stop_at_eos``, the positions after each stopped
+        row's first stop id hold ``stop_ids[0]``.
     """
     if "return_dict" in settings:  # the name some copies of upstream use
         settings["return_dict_in_generate"] = settings.pop("return_dict")
@@ -318,8 +355,15 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
     mask_id = cfg.mask_token_id
     _check_inputs(inputs, attention_mask, mask_id)
     check_model_not_meta(model)
-    check_vocab_size(model_vocab_size(model), mask_id, {}, "the model's vocab_size", inputs,
-                     "inputs")
+    stop_ids = resolve_stop_ids(stop_at_eos, stop_ids, (DREAM.eos, DREAM.eot), mask_id)
+    token_ids = stop_token_ids(stop_ids) if stop_ids is not None else {}
+    check_vocab_size(model_vocab_size(model), mask_id, token_ids, "the model's vocab_size",
+                     inputs, "inputs")
+    if stop_ids is not None and (generation_tokens_hook_func is not None
+                                 or generation_logits_hook_func is not None):
+        raise ValueError("stop_at_eos=True drops finished rows from the batch, which the "
+                         "generation hooks (they see the whole batch's canvas and logits) "
+                         "cannot follow: pass no hook, or stop_at_eos=False")
     for name, hook in (("generation_tokens_hook_func", generation_tokens_hook_func),
                        ("generation_logits_hook_func", generation_logits_hook_func),
                        ("observer", observer)):
@@ -349,9 +393,13 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
     x = torch.full((batch, cfg.max_length), mask_id, dtype=torch.long, device=device)
     x[:, :prompt_len] = inputs.to(device)
     mask_arg, model_kwargs = _model_call(model, attention_mask, cfg.max_length, device)
+    stopper = None
+    if stop_ids is not None:
+        stopper = RowStopper(x, prompt_len, stop_ids, mask_id)
+        draws = stopper.follow(draws)
     if cache is None:
         runner = FullForward(model, mask_arg, None, 0.0, mask_id, shift=1,
-                             model_kwargs=model_kwargs)
+                             model_kwargs=model_kwargs, token_ids=token_ids)
     else:
         check_cache_fits(model, batch, cfg.max_length)
         runner = CachedBlockLogits(model, cache, x, None if mask_arg == "full" else mask_arg,
@@ -384,9 +432,11 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
                       adaptive) for b, start in enumerate(blocks[0])]
     bar = progress_bar(progress, None if adaptive else cfg.steps,
                        "genjo_fast.diffusion_generate")
-    stats = denoise(x, windows, hooks.run, sampler, rule, mask_id=mask_id,
+    # Without hooks the runner itself runs (so that stopping at EOS can compact it).
+    run = runner if hooks.logits_hook is None and hooks.tokens_hook is None else hooks.run
+    stats = denoise(x, windows, run, sampler, rule, mask_id=mask_id,
                     refresh_every=refresh_every, cached=cache is not None,
-                    observer=hooks.after_step, bar=bar)
+                    observer=hooks.after_step, bar=bar, stopper=stopper)
     if bar is not None:
         bar.close()
     if stream is not None:

@@ -127,7 +127,8 @@ MODEL_ARGS = {
 #: Keywords of :func:`genjo_fast.generate` that the harness sets itself (not model args).
 _SET_BY_HARNESS = {"model", "prompt", "attention_mask", "steps", "gen_length", "block_length",
                    "temperature", "cfg_scale", "remasking", "mask_id", "backend", "progress",
-                   "observer", "streamer", "generator", "draws", "return_stats"}
+                   "observer", "streamer", "generator", "draws", "return_stats",
+                   "stop_ids"}  # stop_ids: generate's default, (eos_id, eot_id)
 
 #: The other keywords of :func:`genjo_fast.generate`, model args too, with their meaning.
 GENERATE_OPTIONS = {
@@ -145,6 +146,8 @@ GENERATE_OPTIONS = {
                  "threshold",
     "factor": "APPROXIMATE parallel decoding by the factor rule (exclusive with threshold)",
     "cuda_graph": "replay each block's cached step as a CUDA graph (CUDA, LLaDA, cache)",
+    "stop_at_eos": "end each row once its answer is settled (an EOS/EoT with every position "
+                   "before it decoded): the same answers, fewer forwards",
 }
 
 #: Files one of which a directory holding a transformers tokenizer has.

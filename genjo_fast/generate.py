@@ -23,7 +23,7 @@ What makes it faster than :func:`genjo_fast.reference.generate` without changing
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -35,6 +35,7 @@ from .draws import Draws
 from .engine import GenerateStats, StepEvent, Window, denoise, progress_bar
 from .models import LLaDAModel, from_reference, is_llada
 from .runners import FullForward
+from .stopping import RowStopper, resolve_stop_ids, stop_token_ids
 from .streaming import StreamAdapter
 from .transfer import AdaptiveRule, FixedSchedule, transfer_schedule
 from .validation import (check_approximate_args, check_cuda_graph_args, check_generate_args,
@@ -112,7 +113,8 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
              backend: Optional[str] = None, fast_model: bool = True,
              cache: Optional[str] = None, refresh_every: Optional[int] = None,
              threshold: Optional[float] = None, factor: Optional[float] = None,
-             cuda_graph: bool = False,
+             cuda_graph: bool = False, stop_at_eos: bool = False,
+             stop_ids: Optional[Sequence[int]] = None,
              observer: Optional[Callable[[StepEvent], None]] = None, streamer=None,
              progress: bool = False, return_stats: bool = False):
     """Masked-diffusion sampling, a drop-in replacement for the reference ``generate``.
@@ -173,6 +175,16 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
         cuda_graph: capture the cached steps of each block in a CUDA graph and replay it
             (static shapes within a block make it possible; removes the launch overhead).
             Needs CUDA tensors, a LLaDA model and no injected ``draws``.
+        stop_at_eos: end each row once its answer is settled: once some generated position
+            ``p`` holds one of ``stop_ids`` and every generated position before ``p`` is
+            decoded, the row's tokens up to and including ``p`` can no longer change; its
+            positions after ``p`` are filled with ``stop_ids[0]`` (EOS by default, LLaDA's
+            padding) and later forwards run only the rows still generating (the call ends
+            when none is left). The tokens up to and including each row's first stop id are
+            those of the same call without the option (``docs/semantics.md``, "Stopping at
+            EOS"; with fresh random draws, in distribution). Not with ``cuda_graph``.
+        stop_ids: the ids that end an answer, with ``stop_at_eos`` only; default
+            ``(eos_id, eot_id)``.
         observer: called with a :class:`StepEvent` after every step that runs the model
             (streaming, visualisation). Steps that transfer no token are skipped without a
             forward and without an observer call: with ``steps_per_block > block_length`` the
@@ -187,9 +199,11 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
             (:mod:`genjo_fast.streaming`). One host copy of the answer per step; none without
             a streamer.
         progress: show a progress bar over the steps, skipped ones included (needs ``tqdm``).
-        return_stats: also return a :class:`GenerateStats` (``nfe``, ``full_forwards``).
+        return_stats: also return a :class:`GenerateStats` (``nfe``, ``full_forwards``, the
+            row forwards run and, with ``stop_at_eos``, the forwards saved).
     Returns:
-        int64 ``(B, Lp + gen_length)``: the prompt followed by the generated tokens; with
+        int64 ``(B, Lp + gen_length)``: the prompt followed by the generated tokens (with
+        ``stop_at_eos``, ``stop_ids[0]`` after each stopped row's first stop id); with
         ``return_stats``, the pair ``(tokens, GenerateStats)``.
     """
     token_ids = {}
@@ -197,6 +211,12 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
         token_ids["eos_id"] = eos_id
     if confidence_eos_eot_inf:
         token_ids["eot_id"] = eot_id
+    stop_ids = resolve_stop_ids(stop_at_eos, stop_ids, (eos_id, eot_id), mask_id)
+    if stop_ids is not None:
+        token_ids.update(stop_token_ids(stop_ids))
+        if cuda_graph:
+            raise ValueError("stop_at_eos=True drops finished rows from the batch, which a "
+                             "CUDA graph's fixed shapes cannot follow: pass cuda_graph=False")
     check_generate_args(prompt, attention_mask, steps, gen_length, block_length, temperature,
                         cfg_scale, remasking, mask_id, token_ids)
     check_approximate_args(cache, refresh_every, threshold, factor)
@@ -219,6 +239,10 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
     batch, prompt_len = prompt.shape
     x, attention_mask = init_sequence(prompt, attention_mask, gen_length, mask_id, device)
     prompt_index = x != mask_id
+    stopper = None
+    if stop_ids is not None:
+        stopper = RowStopper(x, prompt_len, stop_ids, mask_id)
+        draws = stopper.follow(draws)
     if cache is None:
         runner = FullForward(model, attention_mask, prompt_index, cfg_scale, mask_id,
                              token_ids=token_ids)
@@ -250,7 +274,7 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
         observer = stream.observer(prompt_len, observer)
     stats = denoise(x, windows, runner, sampler, rule, mask_id=mask_id,
                     refresh_every=refresh_every, cached=cache is not None,
-                    graph_step=graph_step, observer=observer, bar=bar)
+                    graph_step=graph_step, observer=observer, bar=bar, stopper=stopper)
     if bar is not None:
         bar.close()
     if stream is not None:

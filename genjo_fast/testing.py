@@ -87,6 +87,42 @@ def _random_weights(model_class, config, seed: int, dtype, device,
     return model.requires_grad_(False).eval()
 
 
+class BiasedHead(nn.Module):
+    """An LM head plus a constant per-id bias on its logits (:func:`with_logit_bias`)."""
+
+    def __init__(self, head: nn.Module, bias: torch.Tensor):
+        super().__init__()
+        self.head = head
+        self.register_buffer("bias", bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden) + self.bias
+
+
+def with_logit_bias(model: nn.Module, bias: dict) -> nn.Module:
+    """Adds ``bias`` (``{token id: value}``) to the logits of a random
+    :class:`~genjo_fast.models.LLaDAModel` (untied head) or
+    :class:`~genjo_fast.models.DreamModel`, in place, on every path that computes logits (the
+    model's forward and its ``lm_head``, which the block cache uses); returns ``model``. E.g.
+    an EOS bias that makes answers end early (``stop_at_eos`` tests and benchmarks)."""
+    from .models import DreamModel, LLaDAModel
+
+    if isinstance(model, DreamModel):
+        parent, name = model, "lm_head"
+    elif isinstance(model, LLaDAModel) and not model.config.weight_tying:
+        parent, name = model.transformer, "ff_out"
+    else:
+        raise TypeError(f"with_logit_bias takes a LLaDAModel with an untied head or a "
+                        f"DreamModel, got {type(model).__name__}")
+    head = getattr(parent, name)
+    size = model.config.vocab_size if isinstance(model, DreamModel) else head.out_features
+    values = torch.zeros(size, dtype=model.dtype, device=model.device)
+    for token, value in bias.items():
+        values[token] += value
+    setattr(parent, name, BiasedHead(head, values))
+    return model
+
+
 class FullLogitsOnly(nn.Module):
     """Hides ``logits_slice`` from a model: genjo_fast then treats it as a generic model that
     computes logits for every position (as HF models do)."""

@@ -46,6 +46,10 @@ class FixedSchedule:
                  step: int) -> torch.Tensor:
         return self.ops.select_transfer(confidence, self.num_transfer)
 
+    def compact(self, compaction) -> None:
+        """One count per row that goes on (stopping at EOS: :mod:`genjo_fast.stopping`)."""
+        self.num_transfer = self.num_transfer[:compaction.keep.numel()]
+
 
 class AdaptiveRule:
     """APPROXIMATE (Fast-dLLM's parallel decoding), per row: ``threshold``, the most confident
