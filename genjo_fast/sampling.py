@@ -146,6 +146,31 @@ def softmax_confidence(logits: torch.Tensor, x0: torch.Tensor, temperature: floa
     return torch.gather(p, -1, x0[..., None]).squeeze(-1)
 
 
+def float64_confidence(logits: torch.Tensor, x0: torch.Tensor, *,
+                       un_logits: Optional[torch.Tensor] = None,
+                       cfg_scale: float = 0.0) -> torch.Tensor:
+    """The reference app's confidence: ``softmax(logits.to(float64))[x0]`` (``generate.py``
+    computes it in the logits' dtype, :func:`softmax_confidence`), a chunk of rows at a time.
+
+    Args:
+        logits: ``(B, N, V)`` float; with CFG the conditional half and ``un_logits`` the
+            unconditional one, combined in the logits' dtype first (:func:`combine_cfg`).
+        x0: int64 ``(B, N)``, the chosen ids.
+    Returns:
+        float64 ``(B, N)``.
+    """
+    batch, num_pos, vocab = logits.shape
+    rows_per_chunk = max(1, _MAX_CHUNK_ELEMENTS // (batch * vocab))
+    out = torch.empty((batch, num_pos), dtype=torch.float64, device=logits.device)
+    for a in range(0, num_pos, rows_per_chunk):
+        b = min(a + rows_per_chunk, num_pos)
+        chunk = combine_cfg(logits[:, a:b], None if un_logits is None else un_logits[:, a:b],
+                            cfg_scale)
+        p = F.softmax(chunk.to(torch.float64), dim=-1)
+        out[:, a:b] = torch.gather(p, -1, x0[:, a:b, None]).squeeze(-1)
+    return out
+
+
 def select_transfer(confidence: torch.Tensor, num_transfer: Optional[torch.Tensor] = None, *,
                     threshold: Optional[float] = None,
                     factor: Optional[float] = None) -> torch.Tensor:
