@@ -78,6 +78,10 @@ Departures, only to make it a usable oracle:
   the prompt's shape) with ``TypeError``/``ValueError`` naming them, where upstream ignores
   unknown keywords and fails later on bad values; a missing mask id falls back to
   ``model.config.mask_token_id`` and then Dream's 151666.
+
+genjo_fast's approximate ``adaptive_length`` (off by default) is stated in
+:func:`diffusion_generate`'s docstring; with it, the batch-mean count follows genjo_fast's rule
+(a row unmasks at most its masked positions), not upstream's bug.
 """
 from __future__ import annotations
 

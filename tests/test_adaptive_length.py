@@ -120,6 +120,18 @@ def test_llada_cut_never_overwrites_decoded_tokens_or_constraints():
     assert torch.equal(out[0][decoded], first[decoded])  # every later step only added tokens
 
 
+def test_llada_cut_waits_for_a_step_that_runs():
+    """A first block filled by constraints runs no step: the cut follows the first step of
+    the next block."""
+    model = llada([10, 12])
+    ref, out, stats, _ = llada_pair(model, 2, steps=12, gen_length=24, block_length=8,
+                                    constraints={0: [3, 4, 5, 6, 7, 8, 9, 11]})
+    assert torch.equal(out, ref)
+    assert (out[:, LP:LP + 8] == torch.tensor([3, 4, 5, 6, 7, 8, 9, 11])).all()
+    assert (out[0, LP + 10:] == EOS_ID).all() and (out[1, LP + 12:] == EOS_ID).all()
+    assert stats.nfe == 4  # block 1 only: 8 masks over its 4 steps; block 2 never runs
+
+
 def test_llada_streamer_sees_the_whole_answer():
     from genjo_fast.streaming import DiffusionIteratorStreamer
 
