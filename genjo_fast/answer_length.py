@@ -29,15 +29,11 @@ from typing import Callable, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
-from .contract import combine_cfg
 from .engine import Window
+from .sampling import guided_chunks
 
 __all__ = ["check_length_args", "eos_probability", "open_tail", "cut_at_eos", "plain_open_tail", "plain_cut_at_eos",
            "AdaptiveLength"]
-
-# Positions per chunk of the float32 softmax (in units of vocabulary rows of the batch).
-_CHUNK_ELEMENTS = 8 * 2**20
-
 
 def check_length_args(adaptive_length, length_threshold) -> None:
     """``adaptive_length`` must be a bool and ``length_threshold`` a probability in
@@ -54,20 +50,15 @@ def eos_probability(logits: torch.Tensor, eos_id: int, un_logits: Optional[torch
                     cfg_scale: float = 0.0) -> torch.Tensor:
     """The model's probability of EOS at each position: ``softmax(logits)[eos_id]`` in float32
     (at temperature 1, whatever the sampling temperature), with CFG on the guided logits
-    (:func:`~genjo_fast.contract.combine_cfg`, in the logits' dtype). Chunked over positions.
+    (:func:`~genjo_fast.sampling.guided_chunks`, in the logits' dtype), a chunk at a time.
 
     Args:
         logits: ``(B, N, V)``; un_logits: the unconditional half with CFG, else ``None``.
     Returns:
         float32 ``(B, N)``.
     """
-    batch, num_pos, vocab = logits.shape
-    rows = max(1, _CHUNK_ELEMENTS // (batch * vocab))
-    out = torch.empty((batch, num_pos), dtype=torch.float32, device=logits.device)
-    for a in range(0, num_pos, rows):
-        b = min(a + rows, num_pos)
-        chunk = combine_cfg(logits[:, a:b], None if un_logits is None else un_logits[:, a:b],
-                            cfg_scale)
+    out = torch.empty(logits.shape[:2], dtype=torch.float32, device=logits.device)
+    for a, b, chunk in guided_chunks(logits, un_logits, cfg_scale):
         out[:, a:b] = torch.softmax(chunk.float(), dim=-1)[..., eos_id]
     return out
 

@@ -127,7 +127,8 @@ MODEL_ARGS = {
 #: Keywords of :func:`genjo_fast.generate` that the harness sets itself (not model args).
 _SET_BY_HARNESS = {"model", "prompt", "attention_mask", "steps", "gen_length", "block_length",
                    "temperature", "cfg_scale", "remasking", "mask_id", "backend", "progress",
-                   "observer", "streamer", "generator", "draws", "return_stats"}
+                   "observer", "streamer", "generator", "draws", "return_stats",
+                   "constraints", "sampler"}
 
 #: The other keywords of :func:`genjo_fast.generate`, model args too, with their meaning.
 GENERATE_OPTIONS = {
@@ -145,6 +146,9 @@ GENERATE_OPTIONS = {
                  "threshold",
     "factor": "APPROXIMATE parallel decoding by the factor rule (exclusive with threshold)",
     "cuda_graph": "replay each block's cached step as a CUDA graph (CUDA, LLaDA, cache)",
+    "adaptive_length": "APPROXIMATE variable length: each answer ends where the first step "
+                       "predicts EOS with probability >= length_threshold",
+    "length_threshold": "the EOS probability that ends an answer with adaptive_length",
 }
 
 #: Files one of which a directory holding a transformers tokenizer has.
