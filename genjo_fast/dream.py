@@ -16,6 +16,9 @@ What makes it faster than upstream without changing a token at temperature 0:
   the whole batch at once; the step's one host sync counts the rows to sample;
 * a :class:`~genjo_fast.models.DreamModel` gets a 2-D key mask, never upstream's
   ``(B, 1, L, L)`` boolean mask.
+
+Opt-in and approximate: ``adaptive_length`` (:mod:`genjo_fast.answer_length`) cuts the canvas
+at the answers' predicted end after the first step.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .answer_length import AdaptiveLength, check_length_args
 from .backends import resolve_backend
 from .cache import CachedBlockLogits, check_cache_fits
 from .contract import DREAM, model_device, model_vocab_size
@@ -257,7 +261,8 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
                        block_length: Optional[int] = None, cache: Optional[str] = None,
                        refresh_every: Optional[int] = None, threshold: Optional[float] = None,
                        factor: Optional[float] = None, stop_at_eos: bool = False,
-                       stop_ids: Optional[Sequence[int]] = None, **settings):
+                       stop_ids: Optional[Sequence[int]] = None, adaptive_length: bool = False,
+                       length_threshold: float = 0.5, eos_id: int = DREAM.eos, **settings):
     """Masked-diffusion sampling for Dream-7B, a drop-in replacement for upstream's
     ``model.diffusion_generate(inputs, generation_config=None, **kwargs)``.
 
@@ -328,9 +333,20 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
             tokens up to and including each row's first stop id are those of the same call
             without the option, with the exceptions ``docs/semantics.md`` ("Stopping at
             EOS") states (temperature > 0: upstream's whole-call fallback to the argmax).
-            Not with the hooks (they see the whole batch's logits).
+            Not with the hooks (they see the whole batch's logits) nor ``adaptive_length``.
         stop_ids: the ids that end an answer, with ``stop_at_eos`` only; default Dream's
             ``<|endoftext|>`` and ``<|im_end|>`` (151643, 151645).
+        adaptive_length: APPROXIMATE, opt-in variable length (the whole-canvas sampler only,
+            no hooks): after the first step, each row's answer ends at the first position
+            whose EOS probability (``softmax`` of that step's shifted logits, float32) is
+            ``>= length_threshold`` and after which only masks and EOS stand; it and every
+            later position become ``eos_id`` and are never computed again (the canvas shrinks
+            to the longest answer, the shorter rows' tails masked out of the attention, their
+            positions unchanged). With rows of different lengths the batch-mean count then
+            differs between rows: each row unmasks at most what it has (genjo_fast's rule,
+            ``docs/semantics.md``, "Variable length").
+        length_threshold: the EOS probability that ends an answer, in ``[0, 1]``.
+        eos_id: the id that ends an answer and fills its tail (Dream's ``<|endoftext|>``).
         **settings: upstream's: ``max_length`` (canvas length, prompt included) or
             ``max_new_tokens`` (takes precedence), ``steps`` (512), ``eps`` (1e-3, in (0, 1)),
             ``alg`` (``"origin"``, ``"maskgit_plus"``, ``"topk_margin"``, ``"entropy"``),
@@ -380,6 +396,17 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
 
     blocks = _check_blocks(cfg, prompt_len, block_length, cache, refresh_every, threshold,
                            factor, generation_tokens_hook_func, generation_logits_hook_func)
+    check_length_args(adaptive_length, length_threshold)
+    if adaptive_length:
+        if block_length is not None or generation_tokens_hook_func is not None \
+                or generation_logits_hook_func is not None:
+            raise ValueError("adaptive_length=True runs on the whole-canvas sampler: not with "
+                             "block_length or the generation hooks")
+        if stop_at_eos:
+            raise ValueError("adaptive_length=True does not combine with stop_at_eos")
+        _check_int("eos_id", eos_id, 0)
+        check_vocab_size(model_vocab_size(model), mask_id, {"eos_id": eos_id},
+                         "the model's vocab_size")
     if fast_model and is_dream(model) and not isinstance(model, DreamModel):
         model = dream_from_reference(model)
     if cache is not None and not isinstance(model, DreamModel):
@@ -405,6 +432,23 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
         runner = CachedBlockLogits(model, cache, x, None if mask_arg == "full" else mask_arg,
                                    None, 0.0, mask_id, shift=1,
                                    positions=model_kwargs["position_ids"])
+    if adaptive_length:
+        full_mask = attention_mask
+
+        def short_runner(width: int, kept: Optional[torch.Tensor]) -> FullForward:
+            mask = None
+            if full_mask is not None:
+                mask = full_mask.to(device=device, dtype=torch.long)
+                mask = torch.cat([mask, mask.new_ones((batch, width - prompt_len))], dim=1)
+            if kept is not None:
+                mask = kept if mask is None else mask * kept
+            short_arg, short_kwargs = _model_call(model, mask, width, device)
+            return FullForward(model, short_arg, None, 0.0, mask_id, shift=1,
+                               model_kwargs=short_kwargs)
+
+        length = AdaptiveLength(x, prompt_len, runner, short_runner, threshold=length_threshold,
+                                eos_id=eos_id, mask_id=mask_id)
+        runner = length.run
     history = [] if cfg.output_history and cfg.return_dict_in_generate else None
     if stream is not None:
         stream.begin(inputs)
@@ -430,6 +474,8 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
                              draws=draws)
     windows = [Window(b, start, start + blocks[1], steps_per_window, b * steps_per_window,
                       adaptive) for b, start in enumerate(blocks[0])]
+    if adaptive_length:
+        windows = length.windows(windows)
     bar = progress_bar(progress, None if adaptive else cfg.steps,
                        "genjo_fast.diffusion_generate")
     # Without hooks the runner itself runs (so that stopping at EOS can compact it).

@@ -193,6 +193,8 @@ def denoise_steps(x: torch.Tensor, windows: Iterable[Window], runner: Runner, sa
     canvas = x  # the rows still running: x itself until a row stops at EOS
     for window in windows:
         if stopper is not None and stopper.done:
+            if begin is not None:
+                begin(window)
             _skip_window(window, rule, batch, stats, bar)
             continue
         start, stop = window.start, window.stop

@@ -128,7 +128,8 @@ MODEL_ARGS = {
 _SET_BY_HARNESS = {"model", "prompt", "attention_mask", "steps", "gen_length", "block_length",
                    "temperature", "cfg_scale", "remasking", "mask_id", "backend", "progress",
                    "observer", "streamer", "generator", "draws", "return_stats",
-                   "stop_ids"}  # stop_ids: generate's default, (eos_id, eot_id)
+                   "stop_ids",  # stop_ids: generate's default, (eos_id, eot_id)
+                   "constraints", "sampler"}
 
 #: The other keywords of :func:`genjo_fast.generate`, model args too, with their meaning.
 GENERATE_OPTIONS = {
@@ -148,6 +149,9 @@ GENERATE_OPTIONS = {
     "cuda_graph": "replay each block's cached step as a CUDA graph (CUDA, LLaDA, cache)",
     "stop_at_eos": "end each row once its answer is settled (an EOS/EoT with every position "
                    "before it decoded): the same answers, fewer forwards",
+    "adaptive_length": "APPROXIMATE variable length: each answer ends where the first step "
+                       "predicts EOS with probability >= length_threshold",
+    "length_threshold": "the EOS probability that ends an answer with adaptive_length",
 }
 
 #: Files one of which a directory holding a transformers tokenizer has.
