@@ -404,3 +404,33 @@ def test_vocab_check_without_a_config(llada):
         genjo_fast.generate(NoConfig(), torch.zeros(1, 4, dtype=torch.long), steps=8,
                             gen_length=8, block_length=8, stop_at_eos=True,
                             stop_ids=(EOS, 500), **IDS)
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.5])
+@pytest.mark.parametrize("temperature,remasking", [(0.0, "low_confidence"), (0.8, "random")])
+def test_llada_with_constraints(llada, cfg_scale, temperature, remasking):
+    """Constraints give rows different per-block counts; rows stopping at EOS leave the batch:
+    the rows going on keep their own counts (the call without the option is the oracle)."""
+    batch, gen_length = 5, 24
+    prompt, attention_mask = random_prompts(batch, PROMPT, VOCAB, pad_id=PAD_ID,
+                                            avoid=(MASK_ID, PAD_ID, EOS, EOT), seed=11)
+    draws = llada_draws(temperature, remasking, 12, batch, PROMPT + gen_length, seed=3)
+    args = dict(steps=12, gen_length=gen_length, block_length=8, temperature=temperature,
+                remasking=remasking, cfg_scale=cfg_scale, constraints={9: [20, 21], 17: 30},
+                draws=draws, **IDS)
+    plain, plain_stats = genjo_fast.generate(llada, prompt, attention_mask, return_stats=True,
+                                             **args)
+    got, stats = genjo_fast.generate(llada, prompt, attention_mask, return_stats=True,
+                                     stop_at_eos=True, **args)
+    stops = expect_stopped(got, plain)
+    assert any(p is not None and p < 8 for p in stops)  # some rows stop before a constraint
+    assert stats.row_forwards < plain_stats.row_forwards
+    assert stats.nfe + stats.forwards_saved == plain_stats.nfe
+
+
+@pytest.mark.parametrize("other", [dict(sampler="app"), dict(adaptive_length=True)])
+def test_refused_with_app_sampler_and_adaptive_length(llada, other):
+    prompt = torch.randint(0, 50, (1, PROMPT))
+    with pytest.raises(ValueError, match="stop_at_eos"):
+        genjo_fast.generate(llada, prompt, steps=8, gen_length=8, block_length=8,
+                            stop_at_eos=True, **IDS, **other)
