@@ -76,17 +76,20 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
                             "confidence is >= this (in [0, 1])")
     group.add_argument("--factor", type=float, default=None,
                        help="APPROXIMATE: factor-based parallel decoding (> 0)")
+    group.add_argument("--stop-at-eos", action="store_true",
+                       help="end the call once the answer has ended (the same answer, fewer "
+                            "forwards)")
     group = parser.add_argument_group("LLaDA (genjo_fast.generate)")
     group.add_argument("--cfg-scale", type=float, default=d.cfg_scale,
                        help="classifier-free guidance scale (default %(default)s)")
     group.add_argument("--remasking", choices=["low_confidence", "random"],
                        default=d.remasking, help="which tokens to unmask first")
-    group.add_argument("--stop-at-eos", action="store_true",
-                       help="stop a row once its answer has ended (needs a genjo_fast whose "
-                            "generate has stop_at_eos)")
     group.add_argument("--constraints", default="", metavar="POS:WORD,...",
-                       help="fix words at answer positions, e.g. '0:Once, 5:upon' (needs a "
-                            "genjo_fast whose generate has constraints)")
+                       help="fix words at answer positions, e.g. '0:Once, 5:upon' (the "
+                            "reference app's constraints)")
+    group.add_argument("--sampler", choices=["generate", "app"], default=d.sampler,
+                       help="the reference generate.py's sampler (default) or the reference "
+                            "Gradio app's")
     group = parser.add_argument_group("Dream (genjo_fast.diffusion_generate)")
     group.add_argument("--alg", choices=["origin", "maskgit_plus", "topk_margin", "entropy"],
                        default=None, help="position rule (default entropy)")

@@ -99,34 +99,34 @@ def test_old_turns_are_dropped_to_fit_the_context(tmp_path):
         next(conversation.reply("  ", settings))
 
 
-def test_settings_of_the_other_family_and_missing_features_are_refused(chat):
+def test_settings_of_the_other_family_and_bad_constraints_are_refused(chat):
     conversation = Conversation(chat)
     with pytest.raises(ChatError, match="alg is not an option of LLaDA"):
         next(conversation.reply("hi", Settings(alg="entropy")))
     with pytest.raises(ChatError, match="constraint 'x': write position:word"):
         next(conversation.reply("hi", Settings(constraints="x")))
-    import inspect
-    import genjo_fast
-    parameters = inspect.signature(genjo_fast.generate).parameters
-    if "constraints" not in parameters:
-        with pytest.raises(ChatError, match="positional constraints is not available"):
-            next(conversation.reply("hi", Settings(constraints="0:a")))
-    if "stop_at_eos" not in parameters:
-        with pytest.raises(ChatError, match="stop at EOS is not available"):
-            next(conversation.reply("hi", Settings(stop_at_eos=True)))
+    with pytest.raises(ValueError, match="constraints"):  # past the answer's 32 positions
+        list(conversation.reply("hi", Settings(constraints="40:a")))
     assert conversation.turns == []
 
 
-def test_parse_constraints(chat):
-    from genjo_fast.chat import parse_constraints
-    ids = lambda text: chat.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    assert parse_constraints("0:Once, 5:upon", chat.tokenizer) == {0: ids(" Once"),
-                                                                   5: ids(" upon")}
-    assert parse_constraints("", chat.tokenizer) == {}
-    for bad, reason in (("-1:a", "integer >= 0"), ("a:b", "integer >= 0"),
-                        ("1:", "write position:word"), ("1:a, 1:b", "constrained twice")):
-        with pytest.raises(ChatError, match=reason):
-            parse_constraints(bad, chat.tokenizer)
+def last_reply(chat, message, settings):
+    *_, reply = Conversation(chat).reply(message, settings)
+    return reply
+
+
+def test_constraints_stop_at_eos_and_the_app_sampler_reach_the_sampler(chat):
+    """The LLaDA options the reference app has: constraints are kept in the answer; stopping
+    at EOS gives the same answer in fewer forwards (or as many, if the answer fills the
+    length); the app's sampler runs."""
+    plain = last_reply(chat, "Sort: 3 1 2", Settings())
+    word = chat.tokenizer(" zq", add_special_tokens=False)["input_ids"]
+    constrained = last_reply(chat, "Sort: 3 1 2", Settings(constraints="4:zq"))
+    assert constrained.ids[4:4 + len(word)] == word
+    stopped = last_reply(chat, "Sort: 3 1 2", Settings(stop_at_eos=True))
+    assert stopped.text == plain.text and stopped.forwards <= plain.forwards
+    app = last_reply(chat, "Sort: 3 1 2", Settings(sampler="app", constraints="0:zq"))
+    assert app.ids[:len(word)] == word
 
 
 def test_the_zoo_model_is_the_default():
@@ -212,7 +212,7 @@ def test_pipe_with_a_dream_checkpoint(tmp_path):
 def test_bad_model_and_settings_exit_with_a_message(tmp_path, checkpoint):
     (tmp_path / "file").write_text("x")
     (tmp_path / "empty").mkdir()
-    cases = [(["--model", str(tmp_path / "missing")], "no directory"),
+    cases = [(["--model", str(tmp_path / "missing")], "no such directory, and not a zoo model"),
              (["--model", str(tmp_path / "file")], "not a directory"),
              (["--model", str(tmp_path / "empty")], "not a checkpoint directory (no config.json)"),
              (["--model", str(checkpoint), "--alg", "entropy"], "alg is not an option of LLaDA"),
