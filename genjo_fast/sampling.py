@@ -18,6 +18,8 @@ from .contract import combine_cfg
 
 # Upper bound on the elements of one float64 temporary at temperature > 0 (64 MiB).
 _MAX_CHUNK_ELEMENTS = 8 * 2**20
+# Dream's filtered path (filtered_rows) holds about six row-sized temporaries at once.
+_MAX_FILTERED_CHUNK_ELEMENTS = 2 * 2**20
 
 
 def gumbel_argmax_confidence(
@@ -322,19 +324,21 @@ def dream_sample(
         ``x0``: int64 ``(B, N)``; ``confidence``: ``(B, N)`` in the logits' dtype. Rows of
         NaN probabilities (NaN or all ``-inf`` logits) have a NaN confidence; their ``x0`` at
         ``temperature > 0`` is unspecified.
-    Memory: rows are processed in chunks of at most ``_MAX_CHUNK_ELEMENTS`` logits.
+    Memory: rows are processed in chunks of at most ``_MAX_CHUNK_ELEMENTS`` logits
+    (``_MAX_FILTERED_CHUNK_ELEMENTS`` with a filter).
     """
     check_dream_sample_args(logits, temperature, confidence, top_p, top_k)
     batch, num_pos, vocab = logits.shape
-    rows_per_chunk = max(1, _MAX_CHUNK_ELEMENTS // max(1, batch * vocab))
+    filtered = (top_p is not None and top_p < 1) or top_k is not None
+    rows_of = filtered_rows if filtered else plain_rows
+    chunk = _MAX_FILTERED_CHUNK_ELEMENTS if filtered else _MAX_CHUNK_ELEMENTS
+    rows_per_chunk = max(1, chunk // max(1, batch * vocab))
     x0 = torch.empty((batch, num_pos), dtype=torch.long, device=logits.device)
     conf = torch.empty((batch, num_pos), dtype=logits.dtype, device=logits.device)
     fallback = check_rows is not None and temperature > 0
     if fallback:
         greedy_x0, greedy_conf = torch.empty_like(x0), torch.empty_like(conf)
         rejected = torch.zeros((), dtype=torch.bool, device=logits.device)
-    rows_of = filtered_rows if (top_p is not None and top_p < 1) or top_k is not None \
-        else plain_rows
     for a in range(0, num_pos, rows_per_chunk):
         b = min(a + rows_per_chunk, num_pos)
         u = None
@@ -467,25 +471,29 @@ def nucleus_keep(logits: torch.Tensor, top_p: Optional[float],
         regular = ~torch.isnan(peak)  # NaN sorts first
         limit = None  # every id at or above the k-th value stays
     else:
-        negated = negated_sorted(logits)  # ascending
-        ordered = (-negated).to(logits.dtype)  # the statement's sorted row (NaN aside)
-        beyond = (torch.cumsum(F.softmax(ordered, dim=-1), dim=-1)[:, :-1] > top_p
-                  ).view(torch.uint8)
+        negated = negated_sorted(logits)  # minus the statement's sorted row: increasing
+        sorted_probs = F.softmax((-negated).to(logits.dtype), dim=-1)  # NaN rows aside
+        beyond = (torch.cumsum(sorted_probs, dim=-1)[:, :-1] > top_p).view(torch.uint8)
+        del sorted_probs  # memory: at most four row-sized tensors at once
+
+        def sorted_at(j):  # (R, 1) entries of the statement's sorted row
+            return (-negated.gather(1, j)).to(logits.dtype)
+
         n = vocab - beyond.sum(-1, dtype=torch.int32).long()  # 1 + those not beyond top_p
         first = beyond.argmax(-1) if vocab > 1 else n - 1  # the first beyond (0 if none)
         prefix = (n == vocab) | (n - 1 == first)
-        value = ordered.gather(1, (n - 1)[:, None])  # (R, 1): the last kept value
-        peak = ordered[:, 0]
+        value = sorted_at((n - 1)[:, None])  # the last kept value
+        peak = sorted_at(torch.zeros_like(n)[:, None])[:, 0]
         regular = prefix & ~torch.isnan(negated[:, -1])  # NaN sorts last in ``negated``
         limit = n  # how many ids the sorted order keeps
         if top_k is not None:
             k = min(top_k, vocab)
-            kth = ordered[:, k - 1:k]
+            kth = sorted_at(torch.full_like(n, k - 1)[:, None])
             tighter = (n >= k) & (kth[:, 0] > value[:, 0])  # then every id >= kth stays
             value = torch.where(tighter[:, None], kth, value)
             limit = torch.where(tighter, vocab, n)
             regular &= value[:, 0] > lowest
-    regular &= torch.isfinite(peak) & (peak.float() - lowest > 128)
+    regular &= torch.isfinite(peak) & (peak.double() - lowest > 128)
     keep = logits >= value
     if limit is not None:
         key = -value.to(negated.dtype)
