@@ -598,10 +598,11 @@ def test_filtered_rows_both_helpers_agree():
     logits[0, 4] = float("nan")
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         rows = logits.to(dtype)
-        a = sampling.negated_sorted(rows, use_numpy=True)
-        b = sampling.negated_sorted(rows, use_numpy=False)
-        assert same_values(a.to(dtype), b) and torch.equal(a[1:], -torch.sort(
-            rows[1:], dim=-1, descending=True).values.to(a.dtype))
+        a = sampling.sorted_values(rows, use_numpy=True)
+        b = sampling.sorted_values(rows, use_numpy=False)
+        assert same_values(a.to(dtype), b) and torch.equal(a[1:], torch.sort(
+            rows[1:], dim=-1, descending=True).values.flip(-1).to(a.dtype))
+        assert a[0, -1].isnan() and b[0, -1].isnan()  # NaN last
     keep = logits > 0.5
     keep[3] = False
     for use_numpy in (True, False):
