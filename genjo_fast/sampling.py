@@ -18,7 +18,7 @@ from .contract import combine_cfg
 
 # Upper bound on the elements of one float64 temporary at temperature > 0 (64 MiB).
 _MAX_CHUNK_ELEMENTS = 8 * 2**20
-# Dream's filtered path (filtered_rows) holds about six row-sized temporaries at once.
+# Rows per chunk of Dream's filtered path (filtered_rows: up to four row-sized temporaries).
 _MAX_FILTERED_CHUNK_ELEMENTS = 2 * 2**20
 
 
@@ -427,9 +427,9 @@ def nonzero_ids(keep: torch.Tensor,
     rows, cols = keep.nonzero(as_tuple=True)  # by row, then by column
     counts = torch.bincount(rows, minlength=num_rows)
     width = 1 + max(1, int(counts.max()) if num_rows else 0)
+    slot = torch.arange(rows.numel(), device=keep.device) - (counts.cumsum(0) - counts)[rows]
     ids = torch.zeros((num_rows, width), dtype=torch.long, device=keep.device)
-    ids[rows, torch.arange(rows.numel(), device=keep.device) - (counts.cumsum(0) - counts)[rows]] \
-        = cols
+    ids[rows, slot] = cols
     return ids, counts
 
 
@@ -461,12 +461,12 @@ def nucleus_keep(logits: torch.Tensor, top_p: Optional[float],
         ``(keep, regular)``: bool ``(R, V)`` (all ``False`` on irregular rows) and bool
         ``(R,)``.
     """
-    num_rows, vocab = logits.shape
+    vocab = logits.shape[-1]
     lowest = torch.finfo(logits.dtype).min
     if top_p is None or top_p >= 1:  # top-k alone
         top = torch.topk(logits, min(top_k, vocab), dim=-1).values
-        value, peak = top[:, -1:], top[:, 0]
-        regular = ~torch.isnan(peak)  # NaN sorts first
+        value, peak = top[:, -1:], top[:, 0]  # a NaN sorts first: then the peak is NaN
+        regular = torch.ones_like(peak, dtype=torch.bool)
         limit = None  # every id at or above the k-th value stays
     else:
         ascending = sorted_values(logits)
