@@ -38,7 +38,8 @@ from .runners import FullForward
 from .streaming import StreamAdapter
 from .transfer import AdaptiveRule, FixedSchedule, transfer_schedule
 from .validation import (check_approximate_args, check_cuda_graph_args, check_generate_args,
-                         check_generator, check_model_not_meta, check_vocab_size)
+                         check_generator, check_model_not_meta, check_positions,
+                         check_vocab_size)
 
 __all__ = ["generate", "GenerateStats", "StepEvent", "transfer_schedule"]
 
@@ -112,7 +113,7 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
              backend: Optional[str] = None, fast_model: bool = True,
              cache: Optional[str] = None, refresh_every: Optional[int] = None,
              threshold: Optional[float] = None, factor: Optional[float] = None,
-             cuda_graph: bool = False,
+             cuda_graph: bool = False, positions: Optional[torch.Tensor] = None,
              observer: Optional[Callable[[StepEvent], None]] = None, streamer=None,
              progress: bool = False, return_stats: bool = False):
     """Masked-diffusion sampling, a drop-in replacement for the reference ``generate``.
@@ -173,6 +174,12 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
         cuda_graph: capture the cached steps of each block in a CUDA graph and replay it
             (static shapes within a block make it possible; removes the launch overhead).
             Needs CUDA tensors, a LLaDA model and no injected ``draws``.
+        positions: int ``(B, Lp + gen_length)``, the RoPE position of every position of each
+            row's canvas, or ``None``: ``0 .. L-1`` in every row, as the reference (left
+            padding does not shift positions). With a left-padded batch,
+            ``(mask.cumsum(-1) - 1).clamp(min=0)`` of the attention mask extended over the
+            answer gives each row the positions it has alone (the server's batcher does this:
+            :mod:`genjo_fast.batching`). Needs a LLaDA model.
         observer: called with a :class:`StepEvent` after every step that runs the model
             (streaming, visualisation). Steps that transfer no token are skipped without a
             forward and without an observer call: with ``steps_per_block > block_length`` the
@@ -207,6 +214,10 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
 
     if fast_model and is_llada(model) and not isinstance(model, LLaDAModel):
         model = from_reference(model)
+    if positions is not None and not isinstance(model, LLaDAModel):
+        raise ValueError(f"positions needs a LLaDA model (genjo_fast.models.LLaDAModel or a "
+                         f"reference model with config.model_type 'llada' and "
+                         f"fast_model=True), got {type(model).__name__}")
     if cache is not None and not isinstance(model, LLaDAModel):
         raise ValueError(f"cache={cache!r} needs a LLaDA model (genjo_fast.models.LLaDAModel or "
                          f"a reference model with config.model_type 'llada' and "
@@ -219,13 +230,17 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
     batch, prompt_len = prompt.shape
     x, attention_mask = init_sequence(prompt, attention_mask, gen_length, mask_id, device)
     prompt_index = x != mask_id
+    check_positions(positions, x.shape)
+    if positions is not None:  # the model batch's: doubled with CFG
+        positions = positions.to(device).repeat(2 if cfg_scale > 0 else 1, 1)
     if cache is None:
         runner = FullForward(model, attention_mask, prompt_index, cfg_scale, mask_id,
-                             token_ids=token_ids)
+                             token_ids=token_ids,
+                             model_kwargs=None if positions is None else {"positions": positions})
     else:
         check_cache_fits(model, batch * (2 if cfg_scale > 0 else 1), x.shape[1])
         runner = CachedBlockLogits(model, cache, x, attention_mask, prompt_index, cfg_scale,
-                                   mask_id)
+                                   mask_id, positions=positions)
 
     num_blocks = gen_length // block_length
     adaptive = threshold is not None or factor is not None
