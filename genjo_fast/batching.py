@@ -6,9 +6,11 @@ computes alone.
   with a callback that receives its events: a :class:`~genjo_fast.streaming.StreamUpdate` after
   every step (streaming jobs), then a :class:`RowResult` or an exception.
 * :class:`Batcher`: a queue and one worker thread. The worker takes the oldest job, waits up to
-  ``batch_wait`` seconds for more jobs with the same :func:`batch_key` (at most
-  ``max_batch_size``), left-pads their prompts and runs them as one call. A job whose options
-  cannot share a call (a ``seed``: one generator per call; a Dream model) runs alone.
+  ``batch_wait`` seconds for more jobs with the same :func:`batch_key`, joins to it the
+  waiting ones whose prompts are nearest its own in length (at most ``max_batch_size`` rows:
+  the less padding, the less wasted work), left-pads their prompts and runs them as one call.
+  A job whose options cannot share a call (a ``seed``: one generator per call; a Dream model)
+  runs alone.
 * Rows end early: after every step, a row whose answer is settled (a stop id with nothing masked
   before it: its text cannot change any more) gets its result at once, and a call whose rows are
   all settled or cancelled stops there. A cancelled job (its client went away) is dropped from
@@ -41,11 +43,12 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import logging
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, Hashable, List, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, Hashable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -56,6 +59,7 @@ from .streaming import DiffusionIteratorStreamer, StreamAdapter
 
 #: ``genjo_fast.generate`` can drop settled rows from the batch (``stop_at_eos=True``).
 STOP_AT_EOS = "stop_at_eos" in inspect.signature(generate).parameters
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,7 +84,7 @@ class RowAttention:
     def __init__(self, inner: Callable):
         self.inner = inner
         self._mask: Optional[torch.Tensor] = None  # the last key mask, and its rows' real keys
-        self._real: List[torch.Tensor] = []
+        self._real: List[Union[slice, torch.Tensor]] = []
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -99,11 +103,17 @@ class RowAttention:
                                                v[b:b + 1, :, real], None)
         return out
 
-    def _real_keys(self, key_mask: torch.Tensor) -> List[torch.Tensor]:
-        """Per row, the int64 indices of its real keys (one host sync per key mask: the model's
-        layers share one mask per forward)."""
+    def _real_keys(self, key_mask: torch.Tensor) -> List[Union[slice, torch.Tensor]]:
+        """Per row, its real keys: a ``slice`` when they are the last ones (left padding: views,
+        no copies), else their int64 indices. One host sync per key mask (the model's layers
+        share one mask per forward)."""
         if key_mask is not self._mask:
-            self._real = [row.nonzero().squeeze(1) for row in key_mask.bool()]
+            self._real = []
+            for row in key_mask.bool().cpu():
+                real = row.nonzero().squeeze(1)
+                first = int(real[0]) if len(real) else len(row)
+                suffix = len(real) == len(row) - first
+                self._real.append(slice(first, None) if suffix else real.to(key_mask.device))
             self._mask = key_mask
         return self._real
 
@@ -207,6 +217,14 @@ class Job:
     cancelled: bool = False
     done: bool = False
 
+    def deliver(self, event) -> None:
+        """Hands ``event`` to ``on_event``; a failing callback (e.g. its client's event loop
+        is gone) is logged, and never stops the batcher."""
+        try:
+            self.on_event(event)
+        except Exception:
+            logger.exception("delivering an event of a job failed")
+
 
 #: The fewest rows a matrix product of a call alone may have for its rows to be those of a
 #: batched call: on the CPU, products of 1 to 3 rows take another kernel whose rounding differs
@@ -248,7 +266,8 @@ class BatcherStats:
             updates, and the call stops when no row needs it any more).
         queued: jobs waiting; running: rows of the running call still wanted.
         batches: sampler calls; rows: their rows summed; largest_batch: the most rows in one.
-        stopped_early: calls stopped before their last step (every row settled or cancelled).
+        stopped_early: calls the batcher ended as soon as every row was settled or cancelled
+            (the last step included: it cannot tell which step is the last).
         steps: model steps run, summed over the calls.
     """
     submitted: int = 0
@@ -305,7 +324,7 @@ class Batcher:
                                         daemon=True)
         self._thread.start()
 
-    # -- the callers' side -------------------------------------------------------------------------
+    # -- the callers' side ----------------------------------------------------------------------
 
     def submit(self, job: Job) -> None:
         """Queues ``job``. Raises :class:`QueueFull` when ``max_queue`` jobs wait, and
@@ -351,10 +370,10 @@ class Batcher:
             pending, self._pending = list(self._pending), deque()
             self._cond.notify_all()
         for job in pending:
-            job.on_event(RuntimeError("the server is shutting down"))
+            job.deliver(RuntimeError("the server is shutting down"))
         self._thread.join(timeout)
 
-    # -- the worker ------------------------------------------------------------------------------------
+    # -- the worker ----------------------------------------------------------------------------
 
     def _work(self) -> None:
         while True:
@@ -387,9 +406,11 @@ class Batcher:
                 if not self._pending or self._pending[0] is not first:
                     continue  # the first job was cancelled while waiting
                 jobs = [first]
-                if key is not None:
-                    jobs += [j for j in itertools.islice(self._pending, 1, None)
-                             if j.key == key][:self.max_batch_size - 1]
+                if key is not None:  # the compatible jobs nearest in length: less padding
+                    others = [j for j in itertools.islice(self._pending, 1, None)
+                              if j.key == key]
+                    others.sort(key=lambda j: abs(len(j.ids) - len(first.ids)))
+                    jobs += others[:self.max_batch_size - 1]
                 for job in jobs:
                     self._pending.remove(job)
                 self._running = jobs
@@ -409,18 +430,17 @@ class Batcher:
                                                jobs[0].settings.gen_length, chat.device)
             call.begin(prompt)
             if chat.family == "llada":
-                if STOP_AT_EOS:
-                    keywords["stop_at_eos"] = True
+                if STOP_AT_EOS:  # settled rows leave the batch (the stop ids: settled()'s)
+                    keywords.update(stop_at_eos=True, stop_ids=list(chat.stop_ids))
                 out = generate(chat.model, prompt, mask, positions=positions,
                                observer=call.observe, **keywords)
             else:
                 out = diffusion_generate(chat.model, prompt, observer=call.observe, **keywords)
+            call.finish(out[:, prompt.shape[1]:])
         except _StopCall:
             stopped = True
         except Exception as error:  # a bad option the sampler refused, or a failure
             call.fail(error)
-        else:
-            call.finish(out[:, prompt.shape[1]:])
         finally:
             with self._cond:
                 self._stats.stopped_early += stopped
@@ -481,7 +501,7 @@ class _Call:
                 job.done = True
             self.batcher._stats.failed += len(jobs)
         for job in jobs:
-            job.on_event(error)
+            job.deliver(error)
 
     def _answer(self, row: int, job: Job, answer: torch.Tensor, stop: int) -> None:
         """Sends row ``row``'s last stream update and its :class:`RowResult`."""
@@ -500,11 +520,11 @@ class _Call:
                 return
             job.done = True
             self.batcher._stats.completed += 1
-        job.on_event(result)
+        job.deliver(result)
 
     def _send(self, job: Job, event) -> None:
         if not job.cancelled:
-            job.on_event(event)
+            job.deliver(event)
 
 
 __all__ = ["Batcher", "BatcherStats", "Job", "RowResult", "RowAttention", "QueueFull",

@@ -3,17 +3,21 @@
 
 Endpoints: ``GET /v1/models`` (and ``/v1/models/{id}``), ``POST /v1/completions``,
 ``POST /v1/chat/completions`` (the prompt through the tokenizer's chat template),
-``GET /health`` and ``GET /stats`` (the batcher's counters, :class:`genjo_fast.batching.BatcherStats`).
+``GET /health`` and ``GET /stats`` (the batcher's counters,
+:class:`genjo_fast.batching.BatcherStats`).
 Requests run through a :class:`genjo_fast.batching.Batcher`: concurrent requests with the same
 options share one batched sampler call, and at temperature 0 each gets exactly the tokens it
 gets alone.
 
 Request fields, besides OpenAI's ``model`` (optional; another name than the served one is a
 404), ``prompt`` / ``messages``, ``stream``, ``stream_options``, ``n`` (1 only) and ``user``:
-the sampler's options, each defaulting as :data:`DEFAULTS` says: ``max_tokens`` (the answer
-length, ``generate``'s ``gen_length``; ``max_completion_tokens`` too in chat), ``temperature``,
-``steps``, ``block_length``, ``cfg_scale``, ``remasking``, ``cache``, ``refresh_every``,
-``threshold``, ``factor``, ``seed``, and Dream's ``alg``, ``alg_temp``, ``top_p``, ``top_k``;
+the sampler's options: ``max_tokens`` (the answer length, ``generate``'s ``gen_length``;
+``max_completion_tokens`` too in chat; default :data:`DEFAULT_MAX_TOKENS`), ``steps`` (default
+``max_tokens``: one token per step; at most ``max_tokens``), ``block_length`` (default: 8 when
+it divides ``max_tokens``, else ``max_tokens``; Dream: the whole answer), ``temperature``
+(0), ``cfg_scale`` (0), ``remasking`` (``low_confidence``), ``cache``, ``refresh_every``,
+``threshold``, ``factor``, ``seed`` (none), and Dream's ``alg`` (``entropy``), ``alg_temp``,
+``top_p``, ``top_k`` (none): :class:`genjo_fast.chat.Settings`' defaults but for ``steps``.
 ``return_token_ids`` adds each answer's ids to its choice. Unknown fields, values of the wrong
 type or out of range, a prompt that does not fit the model's context with its answer, options
 the model's family lacks or the sampler refuses: a 400 whose ``error.message`` says what to
@@ -37,6 +41,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import threading
 import time
 import uuid
 from dataclasses import asdict
@@ -52,19 +58,8 @@ from .chat import ChatError, ChatModel, Settings
 from .streaming import StreamUpdate
 from .validation import check_approximate_args, check_generate_args
 
-#: The server's defaults for the options a request leaves out.
-DEFAULTS = {
-    "max_tokens": 32,
-    "steps": "max_tokens (one token per step)",
-    "block_length": "8 when it divides max_tokens, else max_tokens (LLaDA); the whole answer "
-                    "(Dream)",
-    "temperature": 0.0,
-    "cfg_scale": 0.0,
-    "remasking": "low_confidence",
-    "cache": None, "refresh_every": None, "threshold": None, "factor": None, "seed": None,
-    "alg": "entropy (Dream)", "alg_temp": None, "top_p": None, "top_k": None,
-}
-DEFAULT_MAX_TOKENS = DEFAULTS["max_tokens"]
+#: ``max_tokens`` when a request does not give it (the other defaults: the module docstring).
+DEFAULT_MAX_TOKENS = 32
 #: Seconds between two checks that a waiting client is still connected.
 POLL = 0.05
 
@@ -148,6 +143,7 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def body(self) -> Dict[str, Any]:
+        """OpenAI's error object."""
         kind = ("invalid_request_error" if self.status < 500 and self.status != 503
                 else "server_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param,
@@ -259,6 +255,8 @@ class Server:
                 raise sampler_error(error) from None
 
     def completion_prompts(self, request: CompletionRequest) -> List[List[int]]:
+        """The ids of each prompt (the tokenizer's own special tokens added, as it does by
+        default)."""
         prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
         if not prompts:
             raise ApiError(400, "prompt is an empty list", param="prompt")
@@ -266,6 +264,8 @@ class Server:
         return [list(tokenizer(text)["input_ids"]) for text in prompts]
 
     def chat_prompt(self, request: ChatRequest) -> List[int]:
+        """The ids of the messages through the chat template, with the assistant's turn
+        opened."""
         if not request.messages:
             raise ApiError(400, "messages is empty", param="messages")
         tokenizer = self.chat.tokenizer
@@ -360,6 +360,7 @@ class Server:
 
 
 def request_usage(request: SamplingRequest) -> bool:
+    """Whether a stream ends with a usage chunk (``stream_options.include_usage``)."""
     return request.stream_options is not None and request.stream_options.include_usage
 
 
@@ -382,6 +383,7 @@ class Reply:
         self.error: Optional[ApiError] = None
 
     def finished(self) -> bool:
+        """Every answer has its result."""
         return len(self.results) == len(self.prompts)
 
     def take(self, index: int, event) -> Optional[Dict[str, Any]]:
@@ -412,6 +414,7 @@ class Reply:
                 "logprobs": None, "draft": draft}
 
     def chunk(self, choices: List[Dict[str, Any]], usage=None) -> Dict[str, Any]:
+        """A stream chunk holding ``choices`` (and ``usage``)."""
         out = {"id": self.id, "object": "chat.completion.chunk" if self.chat_format
                else "text_completion", "created": self.created, "model": self.server.name,
                "choices": choices}
@@ -420,12 +423,14 @@ class Reply:
         return out
 
     def usage(self) -> Dict[str, int]:
+        """Prompt and answer tokens, summed over the answers."""
         prompt = sum(len(p) for p in self.prompts)
         completion = sum(r.completion_tokens for r in self.results.values())
         return {"prompt_tokens": prompt, "completion_tokens": completion,
                 "total_tokens": prompt + completion}
 
     def body(self) -> Dict[str, Any]:
+        """The non-streaming response."""
         choices = []
         for index in range(len(self.prompts)):
             result = self.results[index]
@@ -445,6 +450,7 @@ class Reply:
 
 
 async def parse(http: Request, model: type) -> BaseModel:
+    """The request's JSON body as ``model``; a 400 naming every bad field otherwise."""
     try:
         return model.model_validate_json(await http.body())
     except ValidationError as error:
@@ -514,20 +520,86 @@ def create_app(chat: ChatModel, batcher: Batcher, name: Optional[str] = None) ->
     return app
 
 
+class BackgroundServer:
+    """The server on uvicorn: in a thread of this process (:meth:`start`, or ``with``; for
+    tests, benchmarks and notebooks), or in the foreground (:meth:`run`, what
+    ``genjo-fast serve`` does)::
+
+        with BackgroundServer(chat, max_batch_size=8) as server:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+
+    Args:
+        chat: the model (:func:`genjo_fast.chat.load_chat_model`).
+        host, port: where to listen; port 0 (the default) takes a free port (:attr:`port`).
+        name: the model's id in the API (default ``chat.name``).
+        max_batch_size, batch_wait_ms, max_queue: the :class:`~genjo_fast.batching.Batcher`'s.
+        log_level: uvicorn's.
+    """
+
+    def __init__(self, chat: ChatModel, *, host: str = "127.0.0.1", port: int = 0,
+                 name: Optional[str] = None, max_batch_size: int = 16,
+                 batch_wait_ms: float = 10.0, max_queue: int = 1024,
+                 log_level: str = "warning"):
+        import uvicorn
+
+        self.batcher = Batcher(chat, max_batch_size=max_batch_size,
+                               batch_wait=batch_wait_ms / 1000, max_queue=max_queue)
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind((host, port))
+        self.port = self._socket.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        config = uvicorn.Config(create_app(chat, self.batcher, name), log_level=log_level)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run,
+                                        kwargs={"sockets": [self._socket]},
+                                        name="genjo_fast-server", daemon=True)
+
+    def run(self) -> None:
+        """Serves in this thread until interrupted (Ctrl-C), then closes the batcher."""
+        try:
+            self._server.run(sockets=[self._socket])
+        except KeyboardInterrupt:  # uvicorn re-raises it once shut down (as uvicorn.run)
+            pass
+        finally:
+            self.batcher.close(10)
+            self._socket.close()
+
+    def start(self, timeout: float = 60) -> "BackgroundServer":
+        """Starts serving; returns once the server accepts connections."""
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the server did not start on {self.url}")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout: float = 30) -> None:
+        """Stops serving (after the running call) and closes the batcher."""
+        self._server.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self.batcher.close(timeout)
+        self._socket.close()
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 def serve(chat: ChatModel, *, host: str = "127.0.0.1", port: int = 8000,
           name: Optional[str] = None, max_batch_size: int = 16, batch_wait_ms: float = 10.0,
           max_queue: int = 1024, log_level: str = "info") -> int:
-    """Runs the server until interrupted (uvicorn); returns the exit status."""
-    import uvicorn
-
-    batcher = Batcher(chat, max_batch_size=max_batch_size, batch_wait=batch_wait_ms / 1000,
-                      max_queue=max_queue)
-    try:
-        uvicorn.run(create_app(chat, batcher, name), host=host, port=port, log_level=log_level)
-    finally:
-        batcher.close(timeout=10)
+    """Runs the server in the foreground until interrupted; returns the exit status."""
+    BackgroundServer(chat, host=host, port=port, name=name, max_batch_size=max_batch_size,
+                     batch_wait_ms=batch_wait_ms, max_queue=max_queue,
+                     log_level=log_level).run()
     return 0
 
 
-__all__ = ["create_app", "serve", "Server", "ApiError", "DEFAULTS", "CompletionRequest",
-           "ChatRequest"]
+__all__ = ["create_app", "serve", "BackgroundServer", "Server", "ApiError",
+           "DEFAULT_MAX_TOKENS", "CompletionRequest", "ChatRequest"]

@@ -29,13 +29,13 @@ from chat_helpers import EOS_ID, EOT_ID, MASK_ID, char_tokenizer
 
 pytest.importorskip("transformers")
 pytest.importorskip("fastapi", reason="the server needs the serve extra: pip install '.[serve]'")
-uvicorn = pytest.importorskip("uvicorn", reason="the server needs the serve extra")
+pytest.importorskip("uvicorn", reason="the server needs the serve extra")
 openai = pytest.importorskip("openai", reason="the server tests use the openai client (.[test])")
 httpx = pytest.importorskip("httpx")
 
 from genjo_fast.batching import (MIN_ROWS, Batcher, Job, RowAttention, RowResult,  # noqa: E402
                                  batch_key, left_pad, make_batch_invariant, settled)
-from genjo_fast.server import create_app  # noqa: E402
+from genjo_fast.server import BackgroundServer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = 512
@@ -89,48 +89,25 @@ def free_port():
         return s.getsockname()[1]
 
 
-class ServerThread:
-    """The app on uvicorn in a thread of this process, on a free localhost port."""
+def stats(server):
+    return httpx.get(server.url + "/stats").json()
 
-    def __init__(self, chat, **batcher_options):
-        self.batcher = Batcher(chat, **batcher_options)
-        self.port = free_port()
-        config = uvicorn.Config(create_app(chat, self.batcher, NAME), host="127.0.0.1",
-                                port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.url = f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.batcher.close(30)
-
-    def stats(self):
-        return httpx.get(self.url + "/stats").json()
-
-    def wait_stats(self, condition, timeout=30):
-        deadline = time.monotonic() + timeout
-        while True:
-            stats = self.stats()
-            if condition(stats):
-                return stats
-            assert time.monotonic() < deadline, f"stats never satisfied the condition: {stats}"
-            time.sleep(0.02)
+def wait_stats(server, condition, timeout=30):
+    """The server's counters once ``condition(counters)`` holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        counters = stats(server)
+        if condition(counters):
+            return counters
+        assert time.monotonic() < deadline, f"the counters never got there: {counters}"
+        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
     chat = load_chat_model(str(checkpoint), device="cpu")
-    with ServerThread(chat, max_batch_size=8, batch_wait=0.1) as running:
+    with BackgroundServer(chat, name=NAME, max_batch_size=8, batch_wait_ms=100) as running:
         yield running
 
 
@@ -321,7 +298,8 @@ def test_batcher_delivers_each_job_its_own_answer(reference, checkpoint):
         assert (index in updates) == (index % 2 == 0)
     assert max(r.batch_size for r in results.values()) > 1
     stats = batcher.stats()
-    assert stats.completed == len(prompts) and stats.rows == len(prompts) < 4 * stats.batches
+    assert stats.completed == stats.rows == len(prompts) and stats.largest_batch <= 4
+    assert stats.batches < len(prompts) and stats.queued == stats.running == 0
     with pytest.raises(RuntimeError, match="closed"):
         batcher.submit(Job([5], Settings(), print))
 
@@ -382,7 +360,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_tokens_alone(server, 
     tokenizer = reference.tokenizer
     texts = prompts_of_many_lengths(40, seed=5)
     groups = [dict(max_tokens=32), dict(max_tokens=16, steps=8, block_length=8)]
-    before = server.stats()
+    before = stats(server)
 
     def request(index):
         body = dict(model=NAME, prompt=texts[index], return_token_ids=True,
@@ -417,7 +395,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_tokens_alone(server, 
         assert text == tokenizer.decode(expected[:-1] if stopped else expected,
                                         skip_special_tokens=True)
     assert reasons == {True, False}  # answers that ended (settled early) and that ran out
-    after = server.stats()
+    after = stats(server)
     batches, rows = after["batches"] - before["batches"], after["rows"] - before["rows"]
     assert rows == len(texts) and batches < rows and after["largest_batch"] > 1
     assert after["completed"] - before["completed"] == len(texts)
@@ -539,8 +517,8 @@ def test_bad_requests_through_the_openai_client_and_the_server_survives(client, 
         client.completions.create(model=NAME, prompt="hi", temperature=-1, stream=True)
     # still serving
     assert client.completions.create(model=NAME, prompt="hi", max_tokens=8).choices[0]
-    stats = server.stats()
-    assert stats["failed"] == 0 and stats["queued"] == 0
+    counters = stats(server)
+    assert counters["failed"] == 0 and counters["queued"] == 0
 
 
 def long_request(**extra):
@@ -550,12 +528,12 @@ def long_request(**extra):
 
 
 def test_a_client_leaving_mid_stream_frees_its_row(server):
-    before = server.stats()
+    before = stats(server)
     with httpx.stream("POST", server.url + "/v1/completions",
                       json=long_request(stream=True)) as response:
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")  # the first step arrived: leave
-    after = server.wait_stats(lambda s: s["stopped_early"] > before["stopped_early"])
+    after = wait_stats(server, lambda s: s["stopped_early"] > before["stopped_early"])
     assert after["cancelled_running"] == before["cancelled_running"] + 1
     assert after["running"] == 0 and after["queued"] == 0
     assert after["steps"] - before["steps"] < 448  # the call stopped: its only row was gone
@@ -567,20 +545,20 @@ def test_a_client_leaving_mid_stream_frees_its_row(server):
 def test_a_client_leaving_while_waiting_frees_its_row(server):
     """Non-streaming: a client gone while its answer is computed (stopping the call), and one
     gone while it is queued (never computed)."""
-    before = server.stats()
+    before = stats(server)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/completions", json=long_request(), timeout=0.5)
-    after = server.wait_stats(lambda s: s["stopped_early"] > before["stopped_early"])
+    after = wait_stats(server, lambda s: s["stopped_early"] > before["stopped_early"])
     assert after["cancelled_running"] == before["cancelled_running"] + 1
     # seeded requests run alone: the second waits behind the first, and leaves
     first = threading.Thread(target=httpx.post, args=(server.url + "/v1/completions",),
                              kwargs=dict(json=long_request(seed=1), timeout=60))
     first.start()
-    server.wait_stats(lambda s: s["running"] == 1)
+    wait_stats(server, lambda s: s["running"] == 1)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/completions", json=long_request(seed=2), timeout=0.3)
     first.join()
-    done = server.wait_stats(lambda s: s["cancelled_queued"] > after["cancelled_queued"])
+    done = wait_stats(server, lambda s: s["cancelled_queued"] > after["cancelled_queued"])
     assert done["batches"] == after["batches"] + 1  # the second never ran
     assert done["completed"] == after["completed"] + 1
 
@@ -623,3 +601,30 @@ def test_genjo_fast_serve_command(checkpoint):
         _, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr
     assert f"as '{NAME}' on http://127.0.0.1:{port}/v1" in stderr
+
+
+def test_dream_requests_run_alone(tmp_path):
+    from chat_helpers import save_dream_checkpoint
+
+    chat = load_chat_model(str(save_dream_checkpoint(tmp_path / "dream")), device="cpu")
+    settings = Settings(gen_length=8, steps=8)
+    assert batch_key(chat, settings, 10) is None
+    prompts = [chat.tokenizer(t)["input_ids"] for t in ("Sort: 3 1 2", "hi")]
+    results = {}
+    batcher = Batcher(chat, max_batch_size=8, batch_wait=0.1)
+    try:
+        for index, ids in enumerate(prompts):
+            batcher.submit(Job(ids, settings, lambda e, i=index: results.setdefault(i, e)))
+        deadline = time.monotonic() + 60
+        while len(results) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        batcher.close(30)
+    for index, ids in enumerate(prompts):
+        out = genjo_fast.diffusion_generate(chat.model, torch.tensor([ids]),
+                                            **settings.keywords(chat))
+        answer = out[0, len(ids):].tolist()
+        stop = next((i for i, t in enumerate(answer) if t in chat.stop_ids), None)
+        assert isinstance(results[index], RowResult) and results[index].batch_size == 1
+        assert results[index].ids == (answer if stop is None else answer[:stop + 1])
