@@ -8,7 +8,7 @@ tensor is ever built. They run on any device and are the oracle of the Triton/CU
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -144,6 +144,40 @@ def softmax_confidence(logits: torch.Tensor, x0: torch.Tensor, temperature: floa
             logits[..., eos_id] = -torch.inf
     p = F.softmax(logits, dim=-1)
     return torch.gather(p, -1, x0[..., None]).squeeze(-1)
+
+
+def guided_chunks(logits: torch.Tensor, un_logits: Optional[torch.Tensor] = None,
+                  cfg_scale: float = 0.0) -> Iterator[Tuple[int, int, torch.Tensor]]:
+    """The logits of positions ``a:b`` a chunk at a time, guided with CFG
+    (:func:`combine_cfg`, in the logits' dtype; the logits themselves without ``un_logits``),
+    so that no temporary larger than a chunk is built. logits, un_logits: ``(B, N, V)``.
+    Yields ``(a, b, chunk)``, chunk ``(B, b - a, V)``."""
+    batch, num_pos, vocab = logits.shape
+    rows_per_chunk = max(1, _MAX_CHUNK_ELEMENTS // (batch * vocab))
+    for a in range(0, num_pos, rows_per_chunk):
+        b = min(a + rows_per_chunk, num_pos)
+        yield a, b, combine_cfg(logits[:, a:b],
+                                None if un_logits is None else un_logits[:, a:b], cfg_scale)
+
+
+def float64_confidence(logits: torch.Tensor, x0: torch.Tensor, *,
+                       un_logits: Optional[torch.Tensor] = None,
+                       cfg_scale: float = 0.0) -> torch.Tensor:
+    """The reference app's confidence: ``softmax(logits.to(float64))[x0]`` (``generate.py``
+    computes it in the logits' dtype, :func:`softmax_confidence`), a chunk of rows at a time.
+
+    Args:
+        logits: ``(B, N, V)`` float; with CFG the conditional half and ``un_logits`` the
+            unconditional one, combined in the logits' dtype first (:func:`combine_cfg`).
+        x0: int64 ``(B, N)``, the chosen ids.
+    Returns:
+        float64 ``(B, N)``.
+    """
+    out = torch.empty(x0.shape, dtype=torch.float64, device=logits.device)
+    for a, b, chunk in guided_chunks(logits, un_logits, cfg_scale):
+        p = F.softmax(chunk.to(torch.float64), dim=-1)
+        out[:, a:b] = torch.gather(p, -1, x0[:, a:b, None]).squeeze(-1)
+    return out
 
 
 def select_transfer(confidence: torch.Tensor, num_transfer: Optional[torch.Tensor] = None, *,

@@ -129,25 +129,17 @@ def test_parse_constraints(chat):
             parse_constraints(bad, chat.tokenizer)
 
 
-def test_the_zoo_model_is_the_default(monkeypatch):
-    """load_chat_model() asks genjo_fast.zoo for tiny-chat (a stand-in zoo here; the real one
-    is tested with its model in test_web.py)."""
-    import types
-    tokenizer = char_tokenizer()
-    asked = []
+def test_the_zoo_model_is_the_default():
+    """load_chat_model() loads the shipped tiny-chat, which answers through the chat's own
+    prompt and sampling settings."""
+    from genjo_fast.tokenizer import special_ids
 
-    def load(name, device="cpu"):
-        asked.append(name)
-        if name != "tiny-chat":
-            raise ValueError(f"name={name!r} is not a shipped model")
-        return tiny_llada(tokenizer), tokenizer
-
-    monkeypatch.setitem(sys.modules, "genjo_fast.zoo", types.SimpleNamespace(load=load))
-    import genjo_fast
-    monkeypatch.setattr(genjo_fast, "zoo", sys.modules["genjo_fast.zoo"], raising=False)
     chat = load_chat_model(device="cpu")
-    assert asked == ["tiny-chat"] and chat.name == "tiny-chat" and chat.family == "llada"
-    assert (chat.mask_id, chat.eos_id, chat.stop_ids) == (MASK_ID, EOS_ID, (EOS_ID, EOT_ID))
+    assert chat.name == "tiny-chat" and chat.family == "llada"
+    ids = special_ids(chat.tokenizer)
+    assert (chat.mask_id, chat.eos_id, chat.stop_ids) == (
+        ids["mask_id"], ids["eos_id"], (ids["eos_id"], ids["eot_id"]))
+    assert answers(chat, ["What is 21 plus 34?"]) == ["55"]
     with pytest.raises(ChatError, match="not a zoo model"):
         load_chat_model("no-such-model", device="cpu")
 
