@@ -34,14 +34,13 @@ call with. Three things make it so:
 On a GPU the matrix-product kernels may depend on the number of rows (split reductions chosen
 by shape): there the guarantee is not claimed (not measured yet).
 
-Stopping rows inside the call: once ``genjo_fast.generate`` has ``stop_at_eos``, settled rows
-leave the batch computation (later forwards run only the rows still generating); the batcher
-passes it when the sampler takes it (:data:`STOP_AT_EOS`). Without it, settled rows are answered
-at once but keep their place in the batch until the call ends.
+Settled rows leave the call's computation: the sampler runs with ``stop_at_eos=True`` and the
+model's stop ids (later forwards run only the rows still generating). A cancelled row stays in
+the computation until its call ends (``generate`` has no way yet to drop a row from outside),
+unless every row of the call is settled or cancelled: the call then stops at once.
 """
 from __future__ import annotations
 
-import inspect
 import itertools
 import logging
 import threading
@@ -57,8 +56,6 @@ from .dream import diffusion_generate
 from .generate import generate
 from .streaming import DiffusionIteratorStreamer, StreamAdapter
 
-#: ``genjo_fast.generate`` can drop settled rows from the batch (``stop_at_eos=True``).
-STOP_AT_EOS = "stop_at_eos" in inspect.signature(generate).parameters
 logger = logging.getLogger(__name__)
 
 
@@ -429,9 +426,9 @@ class Batcher:
             prompt, mask, positions = left_pad([j.ids for j in jobs], chat.eos_id,
                                                jobs[0].settings.gen_length, chat.device)
             call.begin(prompt)
+            # settled rows leave the batch (the stop ids: those settled() reads)
+            keywords.update(stop_at_eos=True, stop_ids=list(chat.stop_ids))
             if chat.family == "llada":
-                if STOP_AT_EOS:  # settled rows leave the batch (the stop ids: settled()'s)
-                    keywords.update(stop_at_eos=True, stop_ids=list(chat.stop_ids))
                 out = generate(chat.model, prompt, mask, positions=positions,
                                observer=call.observe, **keywords)
             else:
@@ -528,5 +525,4 @@ class _Call:
 
 
 __all__ = ["Batcher", "BatcherStats", "Job", "RowResult", "RowAttention", "QueueFull",
-           "batch_key", "MIN_ROWS", "left_pad", "make_batch_invariant", "settled",
-           "STOP_AT_EOS"]
+           "batch_key", "MIN_ROWS", "left_pad", "make_batch_invariant", "settled"]
