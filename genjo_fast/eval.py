@@ -129,7 +129,8 @@ _SET_BY_HARNESS = {"model", "prompt", "attention_mask", "steps", "gen_length", "
                    "temperature", "cfg_scale", "remasking", "mask_id", "backend", "progress",
                    "observer", "streamer", "generator", "draws", "return_stats",
                    "stop_ids",  # stop_ids: generate's default, (eos_id, eot_id)
-                   "constraints", "sampler"}
+                   "constraints", "sampler",
+                   "positions"}  # positions: per-row tensors, the harness's are the default
 
 #: The other keywords of :func:`genjo_fast.generate`, model args too, with their meaning.
 GENERATE_OPTIONS = {

@@ -47,8 +47,8 @@ from .streaming import StreamAdapter
 from .sampling import float64_confidence
 from .transfer import AdaptiveRule, AppSchedule, FixedSchedule, app_blocks, transfer_schedule
 from .validation import (check_approximate_args, check_cuda_graph_args, check_generate_args,
-                         check_generator, check_model_not_meta, check_variant_args,
-                         check_vocab_size)
+                         check_generator, check_model_not_meta, check_positions,
+                         check_variant_args, check_vocab_size)
 
 __all__ = ["generate", "GenerateStats", "StepEvent", "transfer_schedule", "SAMPLERS"]
 
@@ -137,7 +137,7 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
              cuda_graph: bool = False, stop_at_eos: bool = False,
              stop_ids: Optional[Sequence[int]] = None, constraints: Optional[dict] = None,
              sampler: str = "generate", adaptive_length: bool = False,
-             length_threshold: float = 0.5,
+             length_threshold: float = 0.5, positions: Optional[torch.Tensor] = None,
              observer: Optional[Callable[[StepEvent], None]] = None, streamer=None,
              progress: bool = False, return_stats: bool = False):
     """Masked-diffusion sampling, a drop-in replacement for the reference ``generate``.
@@ -234,6 +234,12 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
             ``factor``, ``cuda_graph``, nor ``logits_eos_inf``). ``docs/semantics.md``,
             "Variable length".
         length_threshold: the EOS probability that ends an answer (in ``[0, 1]``).
+        positions: int ``(B, Lp + gen_length)``, the RoPE position of every position of each
+            row's canvas, or ``None``: ``0 .. L-1`` in every row, as the reference (left
+            padding does not shift positions). With a left-padded batch,
+            ``(mask.cumsum(-1) - 1).clamp(min=0)`` of the attention mask extended over the
+            answer gives each row the positions it has alone (the server's batcher does this:
+            :mod:`genjo_fast.batching`). Needs a LLaDA model.
         observer: called with a :class:`StepEvent` after every step that runs the model
             (streaming, visualisation). Steps that transfer no token are skipped without a
             forward and without an observer call: with ``steps_per_block > block_length`` the
@@ -283,6 +289,10 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
 
     if fast_model and is_llada(model) and not isinstance(model, LLaDAModel):
         model = from_reference(model)
+    if positions is not None and not isinstance(model, LLaDAModel):
+        raise ValueError(f"positions needs a LLaDA model (genjo_fast.models.LLaDAModel or a "
+                         f"reference model with config.model_type 'llada' and "
+                         f"fast_model=True), got {type(model).__name__}")
     if cache is not None and not isinstance(model, LLaDAModel):
         raise ValueError(f"cache={cache!r} needs a LLaDA model (genjo_fast.models.LLaDAModel or "
                          f"a reference model with config.model_type 'llada' and "
@@ -300,13 +310,21 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
     if stop_ids is not None:
         stopper = RowStopper(x, prompt_len, stop_ids, mask_id)
         draws = stopper.follow(draws)
+    check_positions(positions, x.shape)
+    if positions is not None:  # the model batch's: doubled with CFG
+        positions = positions.to(device).repeat(2 if cfg_scale > 0 else 1, 1)
+
+    def position_kwargs(width: int) -> Optional[dict]:
+        """The model's keyword arguments for the canvas' first ``width`` positions."""
+        return None if positions is None else {"positions": positions[:, :width]}
+
     if cache is None:
         runner = FullForward(model, attention_mask, prompt_index, cfg_scale, mask_id,
-                             token_ids=token_ids)
+                             token_ids=token_ids, model_kwargs=position_kwargs(x.shape[1]))
     else:
         check_cache_fits(model, batch * (2 if cfg_scale > 0 else 1), x.shape[1])
         runner = CachedBlockLogits(model, cache, x, attention_mask, prompt_index, cfg_scale,
-                                   mask_id)
+                                   mask_id, positions=positions)
 
     app = sampler == "app"
     adaptive = threshold is not None or factor is not None
@@ -343,7 +361,7 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
             if kept is not None:
                 mask = kept if mask is None else mask * kept
             return FullForward(model, mask, prompt_index[:, :width], cfg_scale, mask_id,
-                               token_ids=token_ids)
+                               token_ids=token_ids, model_kwargs=position_kwargs(width))
 
         length = AdaptiveLength(x, prompt_len, runner, short_runner, threshold=length_threshold,
                                 eos_id=eos_id, mask_id=mask_id, cfg_scale=cfg_scale)

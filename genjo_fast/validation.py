@@ -86,6 +86,24 @@ def check_generate_args(prompt, attention_mask, steps, gen_length, block_length,
                          "positions to generate; pad with another id (e.g. EOS)")
 
 
+def check_positions(positions, shape) -> None:
+    """``generate``'s ``positions``: ``None``, or an integer tensor of ``shape`` (the canvas,
+    ``(batch, prompt_length + gen_length)``) holding positions ``>= 0``."""
+    if positions is None:
+        return
+    if not isinstance(positions, torch.Tensor):
+        raise TypeError(f"positions must be a torch.Tensor or None, got "
+                        f"{type(positions).__name__}")
+    if positions.dtype.is_floating_point or positions.dtype.is_complex \
+            or positions.dtype == torch.bool:
+        raise TypeError(f"positions must hold integer positions, got dtype {positions.dtype}")
+    if tuple(positions.shape) != tuple(shape):
+        raise ValueError(f"positions must have the canvas' shape (batch, prompt_length + "
+                         f"gen_length) = {tuple(shape)}, got {tuple(positions.shape)}")
+    if positions.numel() and int(positions.min()) < 0:
+        raise ValueError(f"positions must be >= 0, got {int(positions.min())}")
+
+
 def check_vocab_size(vocab_size: Optional[int], mask_id: int, token_ids: dict,
                      source: str, prompt: Optional[torch.Tensor] = None,
                      prompt_name: str = "prompt") -> None:
