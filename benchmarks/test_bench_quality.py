@@ -18,8 +18,9 @@ hence the higher answers/s at the same count.
 Checks: the reference and genjo_fast exact give identical tokens; every approximate mode gives
 the tokens of its plain statement (:func:`genjo_fast.reference.generate_approximate`) on the
 first 16 problems of each task (with ``stop_at_eos``: up to each answer's first EOS/EoT, the
-guarantee of stopping). Target (issue 13): dual cache + threshold 0.9 within 2 points
-of exact accuracy with at least 3x fewer forwards per answer.
+guarantee of stopping). Target (issue 13), checked in every run (accuracy and counts, not
+times): dual cache + threshold 0.9 within 2 points of exact accuracy with at least 3x fewer
+forwards per answer.
 Run with ``pytest benchmarks/test_bench_quality.py --benchmark-only -s``.
 """
 from typing import Dict
@@ -150,9 +151,9 @@ def test_bench_quality(bench, suite, exact_accuracy, mode):
     bench.describe(dict(mode=mode), model="tiny-chat", problems_per_task=N, seed=SEED,
                    **SETTING, options=MODES[mode])
     warm = {t: (p[:4], m[:4], items[:4]) for t, (p, m, items) in batches.items()}
-    sides = bench.measure({mode: run_mode(model, special, batches, mode)}, repeats=3,
-                          warmup_sides={mode: run_mode(model, special, warm, mode)})
-    outputs, forwards, _ = sides[mode].out
+    sides = bench.measure({"time": run_mode(model, special, batches, mode)}, repeats=3,
+                          warmup_sides={"time": run_mode(model, special, warm, mode)})
+    outputs, forwards, _ = sides["time"].out
     OUTPUTS.setdefault(mode, outputs)
 
     if mode in ("reference", "exact"):
@@ -196,7 +197,8 @@ def test_bench_quality(bench, suite, exact_accuracy, mode):
     else:  # the reference runs every step of every block
         per_answer = float(SETTING["steps"])
     bench.figure("forwards per answer", per_answer)
-    bench.figure("answers/s", answers / sides[mode].median)
-    if mode == "dual + threshold 0.9":
-        bench.target("accuracy within 2 points of exact", 2 + 100 * (mean - exact_mean), 0.)
-        bench.target("fewer forwards than exact", SETTING["steps"] / per_answer, 3.)
+    bench.figure("answers/s", answers / sides["time"].median)
+    if mode == "dual + threshold 0.9":  # counts, not times: checked on any machine
+        bench.check(100 * (exact_mean - mean) <= 2 and SETTING["steps"] / per_answer >= 3,
+                    "issue 13's target: within 2 points of exact accuracy with at least 3x "
+                    "fewer forwards per answer")
