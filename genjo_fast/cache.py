@@ -18,17 +18,17 @@ from typing import List, Optional, Tuple, Union
 import torch
 
 from .models import DreamModel, LLaDAModel
+from .stopping import Compaction, take_rows
 
 CACHE_MODES = ("prefix", "dual")
 CacheableModel = Union[LLaDAModel, DreamModel]
 
 
 def kv_geometry(model: CacheableModel) -> Tuple[int, int, int]:
-    """``(layers, kv_heads, head_dim)`` of a LLaDA or Dream model."""
-    config = model.config
-    if isinstance(model, DreamModel):
-        return config.num_hidden_layers, config.num_key_value_heads, config.head_dim
-    return config.n_layers, config.n_kv_heads, config.head_dim
+    """``(layers, kv_heads, head_dim)`` of a LLaDA or Dream model: the key/value heads its
+    layers compute (this rank's share under tensor parallelism, :mod:`genjo_fast.parallel`)."""
+    layers = _layer_parts(model)[1]
+    return len(layers), layers[0].n_kv_heads, layers[0].head_dim
 
 
 def _layer_parts(model: CacheableModel):
@@ -83,6 +83,16 @@ class BlockCache:
             h = h + self.feed_forward(layer, h)
         return h
 
+    def compact(self, rows: torch.Tensor) -> None:
+        """Keeps the cache of the model rows ``rows`` (int64, increasing) only: stopping at EOS
+        drops finished rows (:mod:`genjo_fast.stopping`). Per-row RoPE tables
+        ``(batch, 1, L, D)`` follow; shared ones (``(L, D)``, ``(1, 1, L, D)``) stay."""
+        if self.cos.dim() == 4 and self.cos.shape[0] == self.k[0].shape[0] > 1:
+            self.cos, self.sin = take_rows(self.cos, rows), take_rows(self.sin, rows)
+        self.k = [take_rows(k, rows) for k in self.k]
+        self.v = [take_rows(v, rows) for v in self.v]
+        self.key_mask = take_rows(self.key_mask, rows)
+
 
 class CachedBlockLogits:
     """The cached model runner (like :class:`genjo_fast.runners.FullForward`), through a
@@ -126,6 +136,12 @@ class CachedBlockLogits:
         if self.cfg:
             return logits[:batch], logits[batch:]
         return logits, None
+
+    def compact(self, compaction: Compaction) -> None:
+        """Keeps the cache and the per-row inputs of the rows that go on (stopping at EOS);
+        with CFG both halves of the model batch."""
+        self.prompt_index = take_rows(self.prompt_index, compaction.keep)
+        self.cache.compact(compaction.model_rows(self.cfg))
 
 
 def cache_bytes(model: CacheableModel, batch: int, seq_len: int) -> int:

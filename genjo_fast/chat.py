@@ -22,7 +22,6 @@ the user; the session stays usable.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import threading
 import time
@@ -214,13 +213,16 @@ class Settings:
     Both families: ``gen_length`` (answer tokens), ``steps``, ``temperature``, ``backend``,
     ``seed`` (a ``torch.Generator`` seed for sampled choices; ``None``: unseeded),
     ``block_length``, ``cache``, ``refresh_every``, ``threshold``, ``factor``.
+    Both: ``stop_at_eos`` (end the call once every answer is settled: the same answer, fewer
+    forwards; the chat's stop ids end an answer).
     LLaDA (:func:`genjo_fast.generate`): ``block_length`` defaults to 8 when it divides
-    ``gen_length``, else ``gen_length``; ``cfg_scale``, ``remasking``, and ``stop_at_eos`` and
-    ``constraints`` (``"pos:word, ..."``, each word's ids with a leading space placed from
-    answer position ``pos``, as the reference app does) when this genjo_fast's ``generate``
-    has them. Dream (:func:`genjo_fast.diffusion_generate`): ``block_length`` defaults to the
-    whole answer (upstream's sampler); ``alg`` (default ``"entropy"``), ``alg_temp``,
-    ``top_p``, ``top_k``.
+    ``gen_length``, else ``gen_length``; ``cfg_scale``, ``remasking``, ``constraints``
+    (``"pos:word, ..."``, each word's ids with a leading space placed from answer position
+    ``pos`` on, a later word overwriting an earlier one where they overlap, as the reference
+    app does) and ``sampler`` (``"generate"``: the reference ``generate.py``'s sampler;
+    ``"app"``: the reference Gradio app's). Dream (:func:`genjo_fast.diffusion_generate`):
+    ``block_length`` defaults to the whole answer (upstream's sampler); ``alg`` (default
+    ``"entropy"``), ``alg_temp``, ``top_p``, ``top_k``.
     """
     gen_length: int = 32
     steps: int = 32
@@ -236,6 +238,7 @@ class Settings:
     factor: Optional[float] = None
     stop_at_eos: bool = False
     constraints: str = ""
+    sampler: str = "generate"
     alg: Optional[str] = None
     alg_temp: Optional[float] = None
     top_p: Optional[float] = None
@@ -252,8 +255,7 @@ class Settings:
         """The sampler's keywords for ``chat``'s family (special ids included).
 
         Raises:
-            ChatError: an option of the other family is set, or an option this genjo_fast's
-                sampler does not have yet.
+            ChatError: an option of the other family is set, or bad constraints.
         """
         generator = None
         if self.seed is not None:
@@ -271,17 +273,19 @@ class Settings:
             if len(chat.stop_ids) > 1:
                 out["eot_id"] = chat.stop_ids[1]
             if self.stop_at_eos:
-                _require_keyword("stop_at_eos", "stop at EOS")
-                out["stop_at_eos"] = True
+                out.update(stop_at_eos=True, stop_ids=chat.stop_ids)
             constraints = parse_constraints(self.constraints, chat.tokenizer)
             if constraints:
-                _require_keyword("constraints", "positional constraints")
                 out["constraints"] = constraints
+            if self.sampler != "generate":
+                out["sampler"] = self.sampler
             return out
         self._refuse("Dream", ("cfg_scale", 0.0), ("remasking", "low_confidence"),
-                     ("stop_at_eos", False), ("constraints", ""))
+                     ("constraints", ""), ("sampler", "generate"))
         out = dict(common, max_new_tokens=self.gen_length, alg=self.alg or "entropy",
                    mask_token_id=chat.mask_id)
+        if self.stop_at_eos:
+            out.update(stop_at_eos=True, stop_ids=chat.stop_ids)
         for name in ("alg_temp", "top_p", "top_k", "block_length", "cache", "refresh_every",
                      "threshold", "factor"):
             if getattr(self, name) is not None:
@@ -295,22 +299,17 @@ class Settings:
                                 f"(got {getattr(self, name)!r})")
 
 
-def _require_keyword(keyword: str, what: str) -> None:
-    from .generate import generate
-    if keyword not in inspect.signature(generate).parameters:
-        raise ChatError(f"{what} is not available in this genjo_fast yet: generate() has no "
-                        f"{keyword}= option")
-
-
-def parse_constraints(text: str, tokenizer) -> Dict[int, List[int]]:
-    """``"pos:word, pos:word"`` -> ``{pos: ids of " word"}`` (answer positions, from 0), as the
-    reference app reads its constraints field. Empty text: ``{}``.
+def parse_constraints(text: str, tokenizer) -> Dict[int, int]:
+    """``"pos:word, pos:word"`` -> ``{answer position: id}`` as the reference app reads its
+    constraints field: the ids of ``" " + word`` from ``pos`` on (positions from 0), a later
+    word overwriting an earlier one where they overlap. Empty text: ``{}``.
 
     Raises:
         ChatError: an entry without ``:``, a position that is not an integer >= 0, an empty
-            word, or two constraints on one position.
+            word, or two constraints starting at one position.
     """
-    constraints: Dict[int, List[int]] = {}
+    constraints: Dict[int, int] = {}
+    starts = set()
     for part in (p.strip() for p in (text or "").split(",")):
         if not part:
             continue
@@ -324,9 +323,11 @@ def parse_constraints(text: str, tokenizer) -> Dict[int, List[int]]:
             pos = -1
         if pos < 0:
             raise ChatError(f"constraint {part!r}: the position must be an integer >= 0")
-        if pos in constraints:
+        if pos in starts:
             raise ChatError(f"constraint {part!r}: position {pos} is constrained twice")
-        constraints[pos] = list(tokenizer(" " + word, add_special_tokens=False)["input_ids"])
+        starts.add(pos)
+        ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+        constraints.update({pos + i: int(token) for i, token in enumerate(ids)})
     return constraints
 
 

@@ -1,5 +1,6 @@
-"""The ``genjo-fast`` command: ``genjo-fast chat`` (a console chat) and ``genjo-fast web`` (the
-Gradio app of :mod:`genjo_fast.web`).
+"""The ``genjo-fast`` command: ``genjo-fast chat`` (a console chat), ``genjo-fast web`` (the
+Gradio app of :mod:`genjo_fast.web`) and ``genjo-fast serve`` (the OpenAI-compatible HTTP
+server of :mod:`genjo_fast.server`).
 
 ``genjo-fast chat`` carries a multi-turn conversation (:class:`genjo_fast.chat.Conversation`).
 On a terminal the answer is drawn denoising in place, step by step (masks dim, tokens decoded
@@ -76,17 +77,20 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
                             "confidence is >= this (in [0, 1])")
     group.add_argument("--factor", type=float, default=None,
                        help="APPROXIMATE: factor-based parallel decoding (> 0)")
+    group.add_argument("--stop-at-eos", action="store_true",
+                       help="end the call once the answer has ended (the same answer, fewer "
+                            "forwards)")
     group = parser.add_argument_group("LLaDA (genjo_fast.generate)")
     group.add_argument("--cfg-scale", type=float, default=d.cfg_scale,
                        help="classifier-free guidance scale (default %(default)s)")
     group.add_argument("--remasking", choices=["low_confidence", "random"],
                        default=d.remasking, help="which tokens to unmask first")
-    group.add_argument("--stop-at-eos", action="store_true",
-                       help="stop a row once its answer has ended (needs a genjo_fast whose "
-                            "generate has stop_at_eos)")
     group.add_argument("--constraints", default="", metavar="POS:WORD,...",
-                       help="fix words at answer positions, e.g. '0:Once, 5:upon' (needs a "
-                            "genjo_fast whose generate has constraints)")
+                       help="fix words at answer positions, e.g. '0:Once, 5:upon' (the "
+                            "reference app's constraints)")
+    group.add_argument("--sampler", choices=["generate", "app"], default=d.sampler,
+                       help="the reference generate.py's sampler (default) or the reference "
+                            "Gradio app's")
     group = parser.add_argument_group("Dream (genjo_fast.diffusion_generate)")
     group.add_argument("--alg", choices=["origin", "maskgit_plus", "topk_margin", "entropy"],
                        default=None, help="position rule (default entropy)")
@@ -270,6 +274,33 @@ def web_main(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# genjo-fast serve
+# ----------------------------------------------------------------------------------------------
+
+def serve_main(args: argparse.Namespace) -> int:
+    program = "genjo-fast serve"
+    try:
+        from . import server
+    except ImportError as error:
+        print(f"{program}: the server needs fastapi and uvicorn ({error}); install the serve "
+              f"extra: pip install 'genjo_fast[serve]'", file=sys.stderr)
+        return 2
+    for flag, value, minimum in (("--max-batch-size", args.max_batch_size, 1),
+                                 ("--max-queue", args.max_queue, 1),
+                                 ("--batch-wait-ms", args.batch_wait_ms, 0)):
+        if not value >= minimum:
+            print(f"{program}: {flag} must be >= {minimum}, got {value}", file=sys.stderr)
+            return 2
+    chat = load_model_or_exit(args, program)
+    print(f"{program}: {describe(chat)} as {args.served_model_name or chat.name!r} on "
+          f"http://{args.host}:{args.port}/v1 (batches of up to {args.max_batch_size}, "
+          f"waiting {args.batch_wait_ms:g} ms)", file=sys.stderr, flush=True)
+    return server.serve(chat, host=args.host, port=args.port, name=args.served_model_name,
+                        max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+                        max_queue=args.max_queue, log_level=args.log_level)
+
+
+# ----------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -292,6 +323,33 @@ def build_parser() -> argparse.ArgumentParser:
                           "%(default)s; the sampler is not slowed, only the display)")
     add_settings_arguments(web)
     web.set_defaults(run=web_main)
+    serve = commands.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server with dynamic batching",
+        description="An OpenAI-compatible HTTP server (/v1/models, /v1/completions, "
+                    "/v1/chat/completions, streaming as server-sent events). Concurrent "
+                    "requests with the same options run as one batch; at temperature 0 each "
+                    "gets exactly the tokens it gets alone. Sampling options are request "
+                    "fields (README, 'HTTP server').")
+    add_model_arguments(serve)
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default %(default)s; 0.0.0.0 for every "
+                            "interface)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
+    serve.add_argument("--served-model-name", default=None, metavar="NAME",
+                       help="the model's id in the API (default: the --model value)")
+    serve.add_argument("--max-batch-size", type=int, default=16,
+                       help="the most requests in one batched call (default %(default)s; 1 "
+                            "runs one request at a time)")
+    serve.add_argument("--batch-wait-ms", type=float, default=10.0,
+                       help="how long the oldest waiting request waits for compatible ones "
+                            "before its batch starts, in ms (default %(default)s)")
+    serve.add_argument("--max-queue", type=int, default=1024,
+                       help="the most requests waiting; more get HTTP 503 (default "
+                            "%(default)s)")
+    serve.add_argument("--log-level", default="info",
+                       choices=["critical", "error", "warning", "info", "debug"],
+                       help="uvicorn's log level (default %(default)s)")
+    serve.set_defaults(run=serve_main)
     return parser
 
 

@@ -30,8 +30,9 @@ class SpecialIds:
 
 #: LLaDA-8B: mask 126336, ``<|endoftext|>`` 126081 (also the padding), ``<|eot_id|>`` 126348.
 LLADA = SpecialIds(mask=126336, eos=126081, eot=126348)
-#: Dream-7B: mask 151666, ``<|endoftext|>`` 151643 (also the padding).
-DREAM = SpecialIds(mask=151666, eos=151643)
+#: Dream-7B: mask 151666, ``<|endoftext|>`` 151643 (also the padding), ``<|im_end|>`` 151645
+#: (the end of a turn in its chat template, Qwen2.5's tokenizer).
+DREAM = SpecialIds(mask=151666, eos=151643, eot=151645)
 
 MASK_ID, EOS_ID, EOT_ID = LLADA.mask, LLADA.eos, LLADA.eot
 

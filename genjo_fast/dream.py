@@ -16,21 +16,26 @@ What makes it faster than upstream without changing a token at temperature 0:
   the whole batch at once; the step's one host sync counts the rows to sample;
 * a :class:`~genjo_fast.models.DreamModel` gets a 2-D key mask, never upstream's
   ``(B, 1, L, L)`` boolean mask.
+
+Opt-in and approximate: ``adaptive_length`` (:mod:`genjo_fast.answer_length`) cuts the canvas
+at the answers' predicted end after the first step.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
+from .answer_length import AdaptiveLength, check_length_args
 from .backends import resolve_backend
 from .cache import CachedBlockLogits, check_cache_fits
-from .contract import model_device, model_vocab_size
+from .contract import DREAM, model_device, model_vocab_size
 from .draws import Draws
 from .dream_settings import DreamGenerateOutput, resolve_settings
 from .engine import StepEvent, Window, denoise, progress_bar
 from .models import DreamModel, dream_from_reference, is_dream
 from .runners import FullForward
+from .stopping import Compaction, RowStopper, resolve_stop_ids, stop_token_ids
 from .streaming import StreamAdapter
 from .transfer import AdaptiveRule
 from .validation import (_check_int, check_approximate_args, check_generator,
@@ -99,6 +104,10 @@ class DreamSampler:
             confidence = confidence.view(batch, n)
         return x0.view(batch, n), confidence
 
+    def compact(self, compaction: Compaction) -> None:
+        """Reads the canvas of the rows that go on (stopping at EOS)."""
+        self.canvas = compaction.canvas
+
     def _uniform(self, step: int, start: int, n: int, device: torch.device) -> torch.Tensor:
         """``draws.remask`` (float32) for the window's positions, or fresh from the
         generator."""
@@ -133,28 +142,47 @@ class MeanCountRule:
     ``softmax(confidence / alg_temp)``: the ``k`` largest ``p / -log(u)`` in float64, one
     uniform per position (``draws.position``), PyTorch's own algorithm for ``multinomial``.
     ``k`` is computed on the device in upstream's float32 arithmetic (no host sync). A row
-    with fewer masked positions than ``k`` unmasks all of them (see ``docs/semantics.md``)."""
+    with fewer masked positions than ``k`` unmasks all of them (see ``docs/semantics.md``).
+
+    Rows that stopped at EOS (:meth:`compact`) still count in the mean: the masked count each
+    would have in the call without ``stop_at_eos`` is kept without running it (it unmasks
+    ``min(k, count)`` per step; each window starts fully masked)."""
 
     def __init__(self, ops, times: DreamTimes, batch: int, *, alg_temp: Optional[float],
                  generator: Optional[torch.Generator], draws: Optional[Draws]):
         self.ops = ops
         self.times = times
-        self.batch = batch
+        self.batch = batch  # rows running
+        self.call_rows = batch  # the call's rows: the mean's denominator
         self.alg_temp = alg_temp or None
         self.generator = generator
         self.draws = draws
-        self.start = 0
+        self.start = self.stop = 0
+        self.stopped: Optional[torch.Tensor] = None  # int64 (d,): counts of stopped rows
 
     def begin(self, window: Window) -> None:
-        self.start = window.start  # the position draws' indices
+        self.start, self.stop = window.start, window.stop  # the position draws' indices
+        if self.stopped is not None:
+            self.stopped.fill_(window.stop - window.start)
 
     def prepare(self, i: int) -> bool:
         return True
 
+    def compact(self, compaction: Compaction) -> None:
+        """Rows stopped at EOS: their masked counts in the window join :attr:`stopped`."""
+        counts = compaction.dropped_masked[:, self.start:self.stop].sum(1)
+        self.stopped = counts if self.stopped is None else torch.cat([self.stopped, counts])
+        self.batch = compaction.keep.numel()
+
     def __call__(self, confidence: torch.Tensor, masked: torch.Tensor,
                  step: int) -> torch.Tensor:
-        mean = masked.sum() / masked.shape[0]  # float32, as upstream's mask_index.sum() / B
+        total = masked.sum()
+        if self.stopped is not None:
+            total = total + self.stopped.sum()
+        mean = total / self.call_rows  # float32, as upstream's mask_index.sum() / B
         k = (mean * self.times.fraction(step)).long()  # int() truncates (>= 0)
+        if self.stopped is not None:
+            self.stopped -= torch.minimum(self.stopped, k)
         num_transfer = k.expand(self.batch)
         if self.alg_temp is not None:
             weights = torch.softmax(confidence / self.alg_temp, dim=-1)  # confidence's dtype
@@ -182,9 +210,9 @@ class FiniteRule:
 
 
 class Hooks:
-    """Upstream's two hooks and ``output_history``, as parts of the loop: the logits hook wraps
-    the runner (it sees the whole canvas's shifted logits), the tokens hook and the history
-    follow each step (as an engine observer)."""
+    """Upstream's two hooks and ``output_history``, as parts of the loop: with a hook,
+    :meth:`run` wraps the runner (the hooks see the whole canvas's shifted logits); the tokens
+    hook and the history follow each step (as an engine observer)."""
 
     def __init__(self, runner: FullForward, logits_hook: Optional[Callable],
                  tokens_hook: Optional[Callable], history: Optional[list],
@@ -198,10 +226,9 @@ class Hooks:
         self.step = 0
 
     def run(self, x: torch.Tensor, start: int, stop: int, full: bool = True):
-        """The runner's call; with a hook, the logits of every position (the hooks see the
-        whole canvas's shifted logits), through the logits hook."""
-        if self.logits_hook is None and self.tokens_hook is None:
-            return self.runner(x, start, stop, full)
+        """The runner's call when a hook is given (without one, the runner runs itself): the
+        logits of every position (the hooks see the whole canvas's shifted logits), through
+        the logits hook."""
         logits, _ = self.runner(x, 1, x.shape[1], full)  # predictions for positions 1 .. L-1
         logits = torch.cat([logits[:, :1], logits], dim=1)  # position 0: the same first row
         if self.logits_hook is not None:
@@ -233,7 +260,9 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
                        streamer=None, progress: bool = False, return_stats: bool = False,
                        block_length: Optional[int] = None, cache: Optional[str] = None,
                        refresh_every: Optional[int] = None, threshold: Optional[float] = None,
-                       factor: Optional[float] = None, **settings):
+                       factor: Optional[float] = None, stop_at_eos: bool = False,
+                       stop_ids: Optional[Sequence[int]] = None, adaptive_length: bool = False,
+                       length_threshold: float = 0.5, eos_id: int = DREAM.eos, **settings):
     """Masked-diffusion sampling for Dream-7B, a drop-in replacement for upstream's
     ``model.diffusion_generate(inputs, generation_config=None, **kwargs)``.
 
@@ -295,6 +324,29 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
         threshold, factor: APPROXIMATE, opt-in parallel decoding (needs ``block_length``; not
             with ``alg="origin"`` or ``alg_temp``): as LLaDA's ``generate``; ``steps`` is then
             only validated.
+        stop_at_eos: end each row once its answer is settled: once some generated position
+            ``p`` holds one of ``stop_ids`` and every generated position before ``p`` is
+            decoded, the row's tokens up to and including ``p`` can no longer change; its
+            positions after ``p`` are filled with ``stop_ids[0]`` (EOS by default, Dream's
+            padding) and later forwards run only the rows still generating (the call ends
+            when none is left). The stopped rows keep counting in the batch-mean count. The
+            tokens up to and including each row's first stop id are those of the same call
+            without the option, with the exceptions ``docs/semantics.md`` ("Stopping at
+            EOS") states (temperature > 0: upstream's whole-call fallback to the argmax).
+            Not with the hooks (they see the whole batch's logits) nor ``adaptive_length``.
+        stop_ids: the ids that end an answer, with ``stop_at_eos`` only; default Dream's
+            ``<|endoftext|>`` and ``<|im_end|>`` (151643, 151645).
+        adaptive_length: APPROXIMATE, opt-in variable length (the whole-canvas sampler only,
+            no hooks): after the first step, each row's answer ends at the first position
+            whose EOS probability (``softmax`` of that step's shifted logits, float32) is
+            ``>= length_threshold`` and after which only masks and EOS stand; it and every
+            later position become ``eos_id`` and are never computed again (the canvas shrinks
+            to the longest answer, the shorter rows' tails masked out of the attention, their
+            positions unchanged). With rows of different lengths the batch-mean count then
+            differs between rows: each row unmasks at most what it has (genjo_fast's rule,
+            ``docs/semantics.md``, "Variable length").
+        length_threshold: the EOS probability that ends an answer, in ``[0, 1]``.
+        eos_id: the id that ends an answer and fills its tail (Dream's ``<|endoftext|>``).
         **settings: upstream's: ``max_length`` (canvas length, prompt included) or
             ``max_new_tokens`` (takes precedence), ``steps`` (512), ``eps`` (1e-3, in (0, 1)),
             ``alg`` (``"origin"``, ``"maskgit_plus"``, ``"topk_margin"``, ``"entropy"``),
@@ -305,7 +357,8 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
         int64 ``(B * num_return_sequences, max_length)`` (prompt included); with
         ``return_dict_in_generate``, a :class:`~genjo_fast.dream_settings.DreamGenerateOutput`
         (``.sequences``, ``.history``); with ``return_stats``, the pair
-        ``(result, GenerateStats)``.
+        ``(result, GenerateStats)``. With ``stop_at_eos``, the positions after each stopped
+        row's first stop id hold ``stop_ids[0]``.
     """
     if "return_dict" in settings:  # the name some copies of upstream use
         settings["return_dict_in_generate"] = settings.pop("return_dict")
@@ -318,8 +371,15 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
     mask_id = cfg.mask_token_id
     _check_inputs(inputs, attention_mask, mask_id)
     check_model_not_meta(model)
-    check_vocab_size(model_vocab_size(model), mask_id, {}, "the model's vocab_size", inputs,
-                     "inputs")
+    stop_ids = resolve_stop_ids(stop_at_eos, stop_ids, (DREAM.eos, DREAM.eot), mask_id)
+    token_ids = stop_token_ids(stop_ids) if stop_ids is not None else {}
+    check_vocab_size(model_vocab_size(model), mask_id, token_ids, "the model's vocab_size",
+                     inputs, "inputs")
+    if stop_ids is not None and (generation_tokens_hook_func is not None
+                                 or generation_logits_hook_func is not None):
+        raise ValueError("stop_at_eos=True drops finished rows from the batch, which the "
+                         "generation hooks (they see the whole batch's canvas and logits) "
+                         "cannot follow: pass no hook, or stop_at_eos=False")
     for name, hook in (("generation_tokens_hook_func", generation_tokens_hook_func),
                        ("generation_logits_hook_func", generation_logits_hook_func),
                        ("observer", observer)):
@@ -336,6 +396,17 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
 
     blocks = _check_blocks(cfg, prompt_len, block_length, cache, refresh_every, threshold,
                            factor, generation_tokens_hook_func, generation_logits_hook_func)
+    check_length_args(adaptive_length, length_threshold)
+    if adaptive_length:
+        if block_length is not None or generation_tokens_hook_func is not None \
+                or generation_logits_hook_func is not None:
+            raise ValueError("adaptive_length=True runs on the whole-canvas sampler: not with "
+                             "block_length or the generation hooks")
+        if stop_at_eos:
+            raise ValueError("adaptive_length=True does not combine with stop_at_eos")
+        _check_int("eos_id", eos_id, 0)
+        check_vocab_size(model_vocab_size(model), mask_id, {"eos_id": eos_id},
+                         "the model's vocab_size")
     if fast_model and is_dream(model) and not isinstance(model, DreamModel):
         model = dream_from_reference(model)
     if cache is not None and not isinstance(model, DreamModel):
@@ -349,14 +420,35 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
     x = torch.full((batch, cfg.max_length), mask_id, dtype=torch.long, device=device)
     x[:, :prompt_len] = inputs.to(device)
     mask_arg, model_kwargs = _model_call(model, attention_mask, cfg.max_length, device)
+    stopper = None
+    if stop_ids is not None:
+        stopper = RowStopper(x, prompt_len, stop_ids, mask_id)
+        draws = stopper.follow(draws)
     if cache is None:
         runner = FullForward(model, mask_arg, None, 0.0, mask_id, shift=1,
-                             model_kwargs=model_kwargs)
+                             model_kwargs=model_kwargs, token_ids=token_ids)
     else:
         check_cache_fits(model, batch, cfg.max_length)
         runner = CachedBlockLogits(model, cache, x, None if mask_arg == "full" else mask_arg,
                                    None, 0.0, mask_id, shift=1,
                                    positions=model_kwargs["position_ids"])
+    if adaptive_length:
+        full_mask = attention_mask
+
+        def short_runner(width: int, kept: Optional[torch.Tensor]) -> FullForward:
+            mask = None
+            if full_mask is not None:
+                mask = full_mask.to(device=device, dtype=torch.long)
+                mask = torch.cat([mask, mask.new_ones((batch, width - prompt_len))], dim=1)
+            if kept is not None:
+                mask = kept if mask is None else mask * kept
+            short_arg, short_kwargs = _model_call(model, mask, width, device)
+            return FullForward(model, short_arg, None, 0.0, mask_id, shift=1,
+                               model_kwargs=short_kwargs)
+
+        length = AdaptiveLength(x, prompt_len, runner, short_runner, threshold=length_threshold,
+                                eos_id=eos_id, mask_id=mask_id)
+        runner = length.run
     history = [] if cfg.output_history and cfg.return_dict_in_generate else None
     if stream is not None:
         stream.begin(inputs)
@@ -382,11 +474,15 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
                              draws=draws)
     windows = [Window(b, start, start + blocks[1], steps_per_window, b * steps_per_window,
                       adaptive) for b, start in enumerate(blocks[0])]
+    if adaptive_length:
+        windows = length.windows(windows)
     bar = progress_bar(progress, None if adaptive else cfg.steps,
                        "genjo_fast.diffusion_generate")
-    stats = denoise(x, windows, hooks.run, sampler, rule, mask_id=mask_id,
+    # Without hooks the runner itself runs (so that stopping at EOS can compact it).
+    run = runner if hooks.logits_hook is None and hooks.tokens_hook is None else hooks.run
+    stats = denoise(x, windows, run, sampler, rule, mask_id=mask_id,
                     refresh_every=refresh_every, cached=cache is not None,
-                    observer=hooks.after_step, bar=bar)
+                    observer=hooks.after_step, bar=bar, stopper=stopper)
     if bar is not None:
         bar.close()
     if stream is not None:

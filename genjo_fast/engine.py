@@ -36,6 +36,13 @@ The parts' contracts:
   plan drew for its call). Rules without ``plan`` write masked positions only. Optionally
   ``begin(window)``, called on the host when a window starts (a rule whose draws or time
   grid depend on the window's positions).
+
+Stopping at EOS (``stopper``, a :class:`genjo_fast.stopping.RowStopper`): after every step the
+rows that finished leave the batch, and the following steps run a canvas of the remaining rows
+only (the call ends when none is left). Parts that hold per-row state have an optional
+``compact(compaction)`` (:class:`genjo_fast.stopping.Compaction`), which the engine calls on
+the runner, the sampler and the rule; the observer still sees the whole batch in its original
+order.
 """
 from __future__ import annotations
 
@@ -43,6 +50,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, Protocol, Tuple
 
 import torch
+
+from .stopping import RowStopper
 
 
 @dataclass
@@ -87,11 +96,36 @@ class StepEvent:
 
 @dataclass
 class GenerateStats:
-    """Counts of one call: ``nfe``, model forward passes, one per denoising step that ran (a
-    CFG pair runs as one batch); ``full_forwards``, those over the whole sequence (with a
-    cache, the others run only the block, or the block and what follows)."""
+    """Counts of one call.
+
+    Attributes:
+        nfe: model forward passes, one per denoising step that ran (a CFG pair runs as one
+            batch).
+        full_forwards: those over the whole sequence (with a cache, the others run only the
+            block, or the block and what follows).
+        row_forwards: the batch rows those forwards ran, summed over the forwards (a CFG pair
+            counts once): ``nfe * B`` unless rows stopped at EOS.
+        forwards_saved, row_forwards_saved: with ``stop_at_eos``, the forwards (and row
+            forwards) the same call without the option would have run on top of ``nfe``
+            (``row_forwards``); 0 without it. ``None`` when that is not known: windows that
+            run until decoded (``threshold``/``factor``) are as long as their rows' tokens
+            make them, so once a row stopped, the length the call without the option would
+            have had is unknown.
+    """
     nfe: int = 0
     full_forwards: int = 0
+    row_forwards: int = 0
+    forwards_saved: Optional[int] = 0
+    row_forwards_saved: Optional[int] = 0
+
+    def save(self, forwards: int, rows: int, known: bool) -> None:
+        """Counts ``forwards`` (``rows``) the call without ``stop_at_eos`` would have run on
+        top of these; ``known=False`` makes the savings unknown (``None``)."""
+        if not known or self.forwards_saved is None:
+            self.forwards_saved = self.row_forwards_saved = None
+        else:
+            self.forwards_saved += forwards
+            self.row_forwards_saved += rows
 
 
 class TransferRule(Protocol):
@@ -142,16 +176,27 @@ def denoise_step(x: torch.Tensor, start: int, stop: int, step: int, full: bool, 
 def denoise_steps(x: torch.Tensor, windows: Iterable[Window], runner: Runner, sampler: Sampler,
                   rule: TransferRule, *, mask_id: int, refresh_every: Optional[int] = None,
                   cached: bool = False, graph_step: Optional[Callable[..., Callable]] = None,
-                  bar=None, stats: Optional[GenerateStats] = None) -> Iterator[StepEvent]:
+                  bar=None, stats: Optional[GenerateStats] = None,
+                  stopper: Optional[RowStopper] = None) -> Iterator[StepEvent]:
     """Runs the windows' steps on ``x`` (int64 ``(B, L)``, updated in place), yielding a
     :class:`StepEvent` after every step that ran the model (streaming front-ends iterate it;
     :func:`denoise` runs it to the end).
 
     Args: those of :func:`denoise`, and ``stats``, a :class:`GenerateStats` counted into.
     """
+    if stopper is not None and graph_step is not None:
+        raise ValueError("stopping at EOS compacts the batch: a captured CUDA graph's shapes "
+                         "are fixed (use one or the other)")
     stats = stats if stats is not None else GenerateStats()
+    batch = x.shape[0]
     begin = getattr(rule, "begin", None)
+    canvas = x  # the rows still running: x itself until a row stops at EOS
     for window in windows:
+        if stopper is not None and stopper.done:
+            if begin is not None:
+                begin(window)
+            _skip_window(window, rule, batch, stats, bar)
+            continue
         start, stop = window.start, window.stop
         if begin is not None:
             begin(window)
@@ -162,29 +207,56 @@ def denoise_steps(x: torch.Tensor, windows: Iterable[Window], runner: Runner, sa
         for i in range(window.steps):
             # Adaptive rules end a window when no row has a mask left in it: one host sync per
             # step, in those approximate modes only.
-            if window.until_decoded and i > 0 and not bool((x[:, start:stop] == mask_id).any()):
+            if window.until_decoded and i > 0 and not bool(
+                    (canvas[:, start:stop] == mask_id).any()):
+                if canvas.shape[0] < batch:  # stopped rows may have masks left here
+                    stats.save(0, 0, known=False)
                 break
             step = window.first_step + i
             if bar is not None:
                 bar.update(1)
             if not rule.prepare(i):
                 continue  # transfers nothing, so cannot change x
+            running = canvas.shape[0]
+            if running < batch:  # rows stopped at EOS: the call without the option runs them
+                stats.save(int(running == 0), batch - running, not window.until_decoded)
+            if running == 0:
+                continue
             full = not cached or i == 0 or (refresh_every is not None and i % refresh_every == 0)
             if replay is not None and not full:
                 x0, confidence, transfer = replay()
             else:
-                x0, confidence, transfer = denoise_step(x, start, stop, step, full, runner,
+                x0, confidence, transfer = denoise_step(canvas, start, stop, step, full, runner,
                                                         sampler, rule, mask_id)
             stats.nfe += 1
             stats.full_forwards += full
+            stats.row_forwards += running
+            if stopper is not None:
+                x0, confidence, transfer = stopper.full_batch(x0, confidence, transfer, start,
+                                                              stop)
+                canvas = stopper.after_step(canvas, (runner, sampler, rule))
             yield StepEvent(window.block, step, start, stop, x, x0, confidence, transfer)
+
+
+def _skip_window(window: Window, rule: TransferRule, batch: int, stats: GenerateStats,
+                 bar) -> None:
+    """A window after every row stopped at EOS: runs nothing, counts the steps the call
+    without the option would have run (unknown for windows that run until decoded)."""
+    if window.until_decoded:
+        stats.save(0, 0, known=False)
+        return
+    for i in range(window.steps):
+        if bar is not None:
+            bar.update(1)
+        if rule.prepare(i):
+            stats.save(1, batch, known=True)
 
 
 def denoise(x: torch.Tensor, windows: Iterable[Window], runner: Runner, sampler: Sampler,
             rule: TransferRule, *, mask_id: int, refresh_every: Optional[int] = None,
             cached: bool = False, graph_step: Optional[Callable[..., Callable]] = None,
             observer: Optional[Callable[[StepEvent], None]] = None,
-            bar=None) -> GenerateStats:
+            bar=None, stopper: Optional[RowStopper] = None) -> GenerateStats:
     """Runs the windows' steps on ``x`` (int64 ``(B, L)``, updated in place).
 
     Args:
@@ -197,13 +269,17 @@ def denoise(x: torch.Tensor, windows: Iterable[Window], runner: Runner, sampler:
             (``fn() -> (x0, confidence, transfer)``) for replay, e.g. in a CUDA graph.
         observer: called with a :class:`StepEvent` after every step that ran the model.
         bar: a progress bar with ``update(n)``, advanced once per step (run or skipped).
+        stopper: stop at EOS (:class:`genjo_fast.stopping.RowStopper`): rows that finish
+            leave the batch after the step that finished them; ``x`` still receives the whole
+            batch, the stopped rows filled after their stop. Not with ``graph_step``.
     Returns:
         :class:`GenerateStats` of the call.
     """
     stats = GenerateStats()
     for event in denoise_steps(x, windows, runner, sampler, rule, mask_id=mask_id,
                                refresh_every=refresh_every, cached=cached,
-                               graph_step=graph_step, bar=bar, stats=stats):
+                               graph_step=graph_step, bar=bar, stats=stats,
+                               stopper=stopper):
         if observer is not None:
             observer(event)
     return stats

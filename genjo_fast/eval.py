@@ -127,7 +127,10 @@ MODEL_ARGS = {
 #: Keywords of :func:`genjo_fast.generate` that the harness sets itself (not model args).
 _SET_BY_HARNESS = {"model", "prompt", "attention_mask", "steps", "gen_length", "block_length",
                    "temperature", "cfg_scale", "remasking", "mask_id", "backend", "progress",
-                   "observer", "streamer", "generator", "draws", "return_stats"}
+                   "observer", "streamer", "generator", "draws", "return_stats",
+                   "stop_ids",  # stop_ids: generate's default, (eos_id, eot_id)
+                   "constraints", "sampler",
+                   "positions"}  # positions: per-row tensors, the harness's are the default
 
 #: The other keywords of :func:`genjo_fast.generate`, model args too, with their meaning.
 GENERATE_OPTIONS = {
@@ -145,6 +148,11 @@ GENERATE_OPTIONS = {
                  "threshold",
     "factor": "APPROXIMATE parallel decoding by the factor rule (exclusive with threshold)",
     "cuda_graph": "replay each block's cached step as a CUDA graph (CUDA, LLaDA, cache)",
+    "stop_at_eos": "end each row once its answer is settled (an EOS/EoT with every position "
+                   "before it decoded): the same answers, fewer forwards",
+    "adaptive_length": "APPROXIMATE variable length: each answer ends where the first step "
+                       "predicts EOS with probability >= length_threshold",
+    "length_threshold": "the EOS probability that ends an answer with adaptive_length",
 }
 
 #: Files one of which a directory holding a transformers tokenizer has.
@@ -432,6 +440,23 @@ class GenjoFastLM(LM):
         FileNotFoundError, NotADirectoryError, OSError: see :func:`load_model` and
             :func:`load_tokenizer`.
     """
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: Optional[dict] = None):
+        """The model from ``--model_args`` (``arg_dict``) plus lm-eval's own options
+        (``--batch_size``, ``--device``, ...). A setting given both ways takes the
+        ``--model_args`` value: lm-eval always passes its ``--batch_size`` (1 unless given),
+        which would otherwise collide with ``model_args``' ``batch_size``."""
+        extra = {key: value for key, value in (additional_config or {}).items()
+                 if value is not None and key not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None):
+        """:meth:`create_from_arg_obj` of the parsed ``key=value,...`` string."""
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     def __init__(self, pretrained=None, tokenizer=None, mask_id: Optional[int] = None,
                  max_length: int = 4096, batch_size=32, mc_num: int = 128,

@@ -20,27 +20,40 @@ What makes it faster than :func:`genjo_fast.reference.generate` without changing
   head on the block rows only; any model returning ``.logits`` still works.
 * Steps that transfer no token (``steps_per_block > block_length``) are skipped: they cannot
   change ``x``.
+
+Besides ``generate.py``'s sampler it offers the reference Gradio app's (``sampler="app"``,
+stated in :mod:`genjo_fast.reference_app`), positional ``constraints``
+(:mod:`genjo_fast.constraints`) and the approximate ``adaptive_length``
+(:mod:`genjo_fast.answer_length`).
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
+from .answer_length import AdaptiveLength, check_length_args
 from .backends import resolve_backend
 from .cache import CachedBlockLogits, check_cache_fits
+from .constraints import place_constraints, resolve_constraints
 from .contract import EOS_ID, EOT_ID, MASK_ID, init_sequence, model_device, model_vocab_size
 from .cuda_graph import graph_steps
 from .draws import Draws
 from .engine import GenerateStats, StepEvent, Window, denoise, progress_bar
 from .models import LLaDAModel, from_reference, is_llada
 from .runners import FullForward
+from .stopping import RowStopper, resolve_stop_ids, stop_token_ids
 from .streaming import StreamAdapter
-from .transfer import AdaptiveRule, FixedSchedule, transfer_schedule
+from .sampling import float64_confidence
+from .transfer import AdaptiveRule, AppSchedule, FixedSchedule, app_blocks, transfer_schedule
 from .validation import (check_approximate_args, check_cuda_graph_args, check_generate_args,
-                         check_generator, check_model_not_meta, check_vocab_size)
+                         check_generator, check_model_not_meta, check_positions,
+                         check_variant_args, check_vocab_size)
 
-__all__ = ["generate", "GenerateStats", "StepEvent", "transfer_schedule"]
+__all__ = ["generate", "GenerateStats", "StepEvent", "transfer_schedule", "SAMPLERS"]
+
+#: ``sampler=``: which of the reference's two samplers ``generate`` reproduces.
+SAMPLERS = ("generate", "app")
 
 
 class GumbelSampler:
@@ -48,23 +61,31 @@ class GumbelSampler:
     options; with injected ``draws``, the draws of the sampled positions.
 
     ``__call__(logits, un_logits, step, start)`` -> ``(x0, confidence)``, each ``(B, n)``.
+    ``float64``: the reference app's ``low_confidence`` confidence, the softmax in float64
+    (:func:`~genjo_fast.sampling.float64_confidence`) instead of the logits' dtype.
     """
 
     def __init__(self, ops, *, temperature: float, remasking: str, cfg_scale: float,
                  logits_eos_inf: bool, confidence_eos_eot_inf: bool, eos_id: int, eot_id: int,
-                 generator: Optional[torch.Generator], draws: Optional[Draws]):
+                 generator: Optional[torch.Generator], draws: Optional[Draws],
+                 float64: bool = False):
         self.op = ops.gumbel_argmax_confidence
         self.options = dict(temperature=temperature, remasking=remasking, cfg_scale=cfg_scale,
                             logits_eos_inf=logits_eos_inf,
                             confidence_eos_eot_inf=confidence_eos_eot_inf, eos_id=eos_id,
                             eot_id=eot_id, generator=generator)
         self.draws = draws
+        self.float64 = float64 and remasking == "low_confidence"
 
     def __call__(self, logits: torch.Tensor, un_logits: Optional[torch.Tensor], step: int,
                  start: int):
-        return self.op(logits, un_logits=un_logits, **self.options,
-                       **self._injected(step, start, logits.shape[0], logits.shape[-1],
-                                        logits.device))
+        x0, confidence = self.op(logits, un_logits=un_logits, **self.options,
+                                 **self._injected(step, start, logits.shape[0],
+                                                  logits.shape[-1], logits.device))
+        if self.float64:
+            confidence = float64_confidence(logits, x0, un_logits=un_logits,
+                                            cfg_scale=self.options["cfg_scale"])
+        return x0, confidence
 
     def _injected(self, step: int, start: int, batch: int, vocab: int,
                   device: torch.device) -> dict:
@@ -88,7 +109,8 @@ def llada_windows(x: torch.Tensor, prompt_len: int, num_blocks: int, block_lengt
     ``reach_back`` (exact mode): a block's window starts at the first position an earlier
     block left masked, which happens only when the model's choice there was the mask id
     itself: the reference's row-wide topk still competes such positions. One host sync per
-    block (not per step).
+    block (not per step). The last block ends with ``x`` (the reference app's is shorter when
+    ``block_length`` does not divide ``gen_length``).
     """
     for block in range(num_blocks):
         block_start = prompt_len + block * block_length
@@ -97,7 +119,7 @@ def llada_windows(x: torch.Tensor, prompt_len: int, num_blocks: int, block_lengt
             left = (x[:, prompt_len:block_start] == mask_id).any(0)
             if bool(left.any()):
                 start = prompt_len + int(left.int().argmax())
-        yield Window(block, start, block_start + block_length, steps_per_block,
+        yield Window(block, start, min(block_start + block_length, x.shape[1]), steps_per_block,
                      block * steps_per_block, until_decoded)
 
 
@@ -112,7 +134,10 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
              backend: Optional[str] = None, fast_model: bool = True,
              cache: Optional[str] = None, refresh_every: Optional[int] = None,
              threshold: Optional[float] = None, factor: Optional[float] = None,
-             cuda_graph: bool = False,
+             cuda_graph: bool = False, stop_at_eos: bool = False,
+             stop_ids: Optional[Sequence[int]] = None, constraints: Optional[dict] = None,
+             sampler: str = "generate", adaptive_length: bool = False,
+             length_threshold: float = 0.5, positions: Optional[torch.Tensor] = None,
              observer: Optional[Callable[[StepEvent], None]] = None, streamer=None,
              progress: bool = False, return_stats: bool = False):
     """Masked-diffusion sampling, a drop-in replacement for the reference ``generate``.
@@ -173,6 +198,48 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
         cuda_graph: capture the cached steps of each block in a CUDA graph and replay it
             (static shapes within a block make it possible; removes the launch overhead).
             Needs CUDA tensors, a LLaDA model and no injected ``draws``.
+        stop_at_eos: end each row once its answer is settled: once some generated position
+            ``p`` holds one of ``stop_ids`` and every generated position before ``p`` is
+            decoded, the row's tokens up to and including ``p`` can no longer change; its
+            positions after ``p`` are filled with ``stop_ids[0]`` (EOS by default, LLaDA's
+            padding) and later forwards run only the rows still generating (the call ends
+            when none is left). The tokens up to and including each row's first stop id are
+            those of the same call without the option (``docs/semantics.md``, "Stopping at
+            EOS"; with fresh random draws, in distribution). Not with ``cuda_graph``,
+            ``sampler="app"`` nor ``adaptive_length``.
+        stop_ids: the ids that end an answer, with ``stop_at_eos`` only; default
+            ``(eos_id, eot_id)``.
+        constraints: ``{answer position: token id or list of ids}``: tokens fixed in the
+            answer (the reference app's "``pos:word``" constraints, as ids). A list of ids
+            occupies ``position, position + 1, ...`` (a word's tokens, as the app places
+            them). Positions count from the first generated token and must lie in
+            ``[0, gen_length)`` without overlapping; no id may be ``mask_id``. The tokens are
+            placed before the first step and kept at every step; they are not masks, so each
+            block's transfer schedule shares out only its other positions, and with CFG they
+            are masked in the unconditional copy with the prompt (``docs/semantics.md``).
+        sampler: ``"generate"`` (default): the reference ``generate.py``'s sampler, exactly.
+            ``"app"``: the reference Gradio app's sampler, exactly (statement:
+            :mod:`genjo_fast.reference_app`): any ``gen_length``/``block_length``/``steps``
+            (the last block shorter, ``max(1, steps // num_blocks)`` steps per block), the
+            confidence's softmax in float64, the choice within the block, every masked
+            position of a block revealed at its last step. Not with the EOS options nor the
+            approximate modes.
+        adaptive_length: APPROXIMATE, opt-in variable length: after the first step of the
+            first block, each row's answer ends at the first position whose EOS probability
+            (``softmax`` of the step's logits, float32) is ``>= length_threshold`` and after
+            which nothing but masks and EOS stands; that position and all later ones become
+            ``eos_id`` and are never computed again: the canvas shrinks to the longest
+            row's answer (the shorter rows' tails masked out of the attention), later blocks
+            share out only the masks left. Exact schedule only (no ``cache``, ``threshold``,
+            ``factor``, ``cuda_graph``, nor ``logits_eos_inf``). ``docs/semantics.md``,
+            "Variable length".
+        length_threshold: the EOS probability that ends an answer (in ``[0, 1]``).
+        positions: int ``(B, Lp + gen_length)``, the RoPE position of every position of each
+            row's canvas, or ``None``: ``0 .. L-1`` in every row, as the reference (left
+            padding does not shift positions). With a left-padded batch,
+            ``(mask.cumsum(-1) - 1).clamp(min=0)`` of the attention mask extended over the
+            answer gives each row the positions it has alone (the server's batcher does this:
+            :mod:`genjo_fast.batching`). Needs a LLaDA model.
         observer: called with a :class:`StepEvent` after every step that runs the model
             (streaming, visualisation). Steps that transfer no token are skipped without a
             forward and without an observer call: with ``steps_per_block > block_length`` the
@@ -187,19 +254,34 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
             (:mod:`genjo_fast.streaming`). One host copy of the answer per step; none without
             a streamer.
         progress: show a progress bar over the steps, skipped ones included (needs ``tqdm``).
-        return_stats: also return a :class:`GenerateStats` (``nfe``, ``full_forwards``).
+        return_stats: also return a :class:`GenerateStats` (``nfe``, ``full_forwards``, the
+            row forwards run and, with ``stop_at_eos``, the forwards saved).
     Returns:
-        int64 ``(B, Lp + gen_length)``: the prompt followed by the generated tokens; with
+        int64 ``(B, Lp + gen_length)``: the prompt followed by the generated tokens (with
+        ``stop_at_eos``, ``stop_ids[0]`` after each stopped row's first stop id); with
         ``return_stats``, the pair ``(tokens, GenerateStats)``.
     """
     token_ids = {}
-    if logits_eos_inf or confidence_eos_eot_inf:
+    if logits_eos_inf or confidence_eos_eot_inf or adaptive_length:
         token_ids["eos_id"] = eos_id
     if confidence_eos_eot_inf:
         token_ids["eot_id"] = eot_id
+    stop_ids = resolve_stop_ids(stop_at_eos, stop_ids, (eos_id, eot_id), mask_id)
+    if stop_ids is not None:
+        token_ids.update(stop_token_ids(stop_ids))
+        if cuda_graph:
+            raise ValueError("stop_at_eos=True drops finished rows from the batch, which a "
+                             "CUDA graph's fixed shapes cannot follow: pass cuda_graph=False")
     check_generate_args(prompt, attention_mask, steps, gen_length, block_length, temperature,
-                        cfg_scale, remasking, mask_id, token_ids)
+                        cfg_scale, remasking, mask_id, token_ids, divisible=sampler != "app")
     check_approximate_args(cache, refresh_every, threshold, factor)
+    check_length_args(adaptive_length, length_threshold)
+    check_variant_args(sampler, SAMPLERS, adaptive_length=adaptive_length,
+                       stop_at_eos=stop_at_eos, cache=cache,
+                       threshold=threshold, factor=factor, cuda_graph=cuda_graph,
+                       logits_eos_inf=logits_eos_inf,
+                       confidence_eos_eot_inf=confidence_eos_eot_inf)
+    resolved = resolve_constraints(constraints, gen_length, mask_id, model_vocab_size(model))
     stream = StreamAdapter(streamer, mask_id) if streamer is not None else None
     check_model_not_meta(model)
     check_vocab_size(model_vocab_size(model), mask_id, token_ids, "the model's vocab_size",
@@ -207,6 +289,10 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
 
     if fast_model and is_llada(model) and not isinstance(model, LLaDAModel):
         model = from_reference(model)
+    if positions is not None and not isinstance(model, LLaDAModel):
+        raise ValueError(f"positions needs a LLaDA model (genjo_fast.models.LLaDAModel or a "
+                         f"reference model with config.model_type 'llada' and "
+                         f"fast_model=True), got {type(model).__name__}")
     if cache is not None and not isinstance(model, LLaDAModel):
         raise ValueError(f"cache={cache!r} needs a LLaDA model (genjo_fast.models.LLaDAModel or "
                          f"a reference model with config.model_type 'llada' and "
@@ -218,39 +304,79 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
     ops = resolve_backend(backend, device)
     batch, prompt_len = prompt.shape
     x, attention_mask = init_sequence(prompt, attention_mask, gen_length, mask_id, device)
-    prompt_index = x != mask_id
+    place_constraints(x, prompt_len, resolved)
+    prompt_index = x != mask_id  # the prompt and the constraints: CFG's conditioning
+    stopper = None
+    if stop_ids is not None:
+        stopper = RowStopper(x, prompt_len, stop_ids, mask_id)
+        draws = stopper.follow(draws)
+    check_positions(positions, x.shape)
+    if positions is not None:  # the model batch's: doubled with CFG
+        positions = positions.to(device).repeat(2 if cfg_scale > 0 else 1, 1)
+
+    def position_kwargs(width: int) -> Optional[dict]:
+        """The model's keyword arguments for the canvas' first ``width`` positions."""
+        return None if positions is None else {"positions": positions[:, :width]}
+
     if cache is None:
         runner = FullForward(model, attention_mask, prompt_index, cfg_scale, mask_id,
-                             token_ids=token_ids)
+                             token_ids=token_ids, model_kwargs=position_kwargs(x.shape[1]))
     else:
         check_cache_fits(model, batch * (2 if cfg_scale > 0 else 1), x.shape[1])
         runner = CachedBlockLogits(model, cache, x, attention_mask, prompt_index, cfg_scale,
-                                   mask_id)
+                                   mask_id, positions=positions)
 
-    num_blocks = gen_length // block_length
+    app = sampler == "app"
     adaptive = threshold is not None or factor is not None
-    # Every block starts fully masked (the prompt holds no mask and earlier blocks finish), so
-    # the reference's per-row schedule is the same for all rows and known on the host.
-    steps_per_block = block_length if adaptive else steps // num_blocks
+    if app:
+        num_blocks, block_length, steps_per_block = app_blocks(gen_length, block_length, steps)
+    else:
+        num_blocks = gen_length // block_length
+        steps_per_block = block_length if adaptive else steps // num_blocks
+
+    # Rows stopped at EOS are filled: their counts are read where the call without the
+    # option has them (before the first step, the block's positions not constrained).
+    counted = x.clone() if stopper is not None else x
+
+    def masked_counts(window: Window):
+        """The rows' masked positions in the window's block (generate.py's schedule count)."""
+        block_start = prompt_len + window.block * block_length
+        return (counted[:, block_start:block_start + block_length] == mask_id).sum(1).tolist()
+
     if adaptive:
         rule = AdaptiveRule(ops, threshold=threshold, factor=factor)
     else:
-        rule = FixedSchedule(ops, transfer_schedule(block_length, steps_per_block), batch, device)
-    sampler = GumbelSampler(ops, temperature=temperature, remasking=remasking,
-                            cfg_scale=cfg_scale, logits_eos_inf=logits_eos_inf,
-                            confidence_eos_eot_inf=confidence_eos_eot_inf, eos_id=eos_id,
-                            eot_id=eot_id, generator=generator, draws=draws)
+        rule = (AppSchedule if app else FixedSchedule)(ops, steps_per_block, masked_counts,
+                                                       batch, device)
+    sampling = GumbelSampler(ops, temperature=temperature, remasking=remasking,
+                             cfg_scale=cfg_scale, logits_eos_inf=logits_eos_inf,
+                             confidence_eos_eot_inf=confidence_eos_eot_inf, eos_id=eos_id,
+                             eot_id=eot_id, generator=generator, draws=draws, float64=app)
     windows = llada_windows(x, prompt_len, num_blocks, block_length, steps_per_block, mask_id,
-                            reach_back=cache is None and not adaptive, until_decoded=adaptive)
+                            reach_back=cache is None and not adaptive and not app,
+                            until_decoded=adaptive)
+    if adaptive_length:
+        def short_runner(width: int, kept: Optional[torch.Tensor]) -> FullForward:
+            mask = attention_mask[:, :width] if attention_mask is not None else None
+            if kept is not None:
+                mask = kept if mask is None else mask * kept
+            return FullForward(model, mask, prompt_index[:, :width], cfg_scale, mask_id,
+                               token_ids=token_ids, model_kwargs=position_kwargs(width))
+
+        length = AdaptiveLength(x, prompt_len, runner, short_runner, threshold=length_threshold,
+                                eos_id=eos_id, mask_id=mask_id, cfg_scale=cfg_scale)
+        runner, windows = length.run, length.windows(windows)
     random = temperature > 0 or remasking == "random"
     graph_step = graph_steps(generator if random else None, device) if cuda_graph else None
-    bar = progress_bar(progress, None if adaptive else steps, "genjo_fast.generate")
+    bar = progress_bar(progress, None if adaptive or adaptive_length
+                       else num_blocks * steps_per_block,
+                       "genjo_fast.generate")
     if stream is not None:
         stream.begin(prompt)
         observer = stream.observer(prompt_len, observer)
-    stats = denoise(x, windows, runner, sampler, rule, mask_id=mask_id,
+    stats = denoise(x, windows, runner, sampling, rule, mask_id=mask_id,
                     refresh_every=refresh_every, cached=cache is not None,
-                    graph_step=graph_step, observer=observer, bar=bar)
+                    graph_step=graph_step, observer=observer, bar=bar, stopper=stopper)
     if bar is not None:
         bar.close()
     if stream is not None:

@@ -37,6 +37,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 
+from .answer_length import check_length_args, cut_at_eos
 from .backends import resolve_backend
 from .contract import call_model, model_device, model_vocab_size
 from .engine import StepEvent, Window, denoise_steps
@@ -423,7 +424,6 @@ def check_mdlm_args(model, prompts: List[torch.Tensor], *, num_steps, allow_edit
     _check_int("num_steps", num_steps, 1)
     _check_flag("allow_edits", allow_edits)
     _check_flag("use_confidence", use_confidence)
-    _check_flag("adaptive_length", adaptive_length)
     _check_int("mask_id", mask_id, 0)
     token_ids = {}
     for name, value in (("pad_id", pad_id), ("eos_id", eos_id)):
@@ -434,10 +434,7 @@ def check_mdlm_args(model, prompts: List[torch.Tensor], *, num_steps, allow_edit
         raise ValueError(f"shift must be 0 (a masked LM) or 1 (DiffuGPT: the prediction for "
                          f"position i is read at i - 1), got {shift!r}")
     _check_float("temperature", temperature)
-    if isinstance(length_threshold, bool) or not isinstance(length_threshold, numbers.Real) \
-            or not 0 <= length_threshold <= 1:
-        raise ValueError(f"length_threshold must be a probability in [0, 1], got "
-                         f"{length_threshold!r}")
+    check_length_args(adaptive_length, length_threshold)
     if forward_batch_size is not None:
         _check_int("forward_batch_size", forward_batch_size, 1)
     if forward_memory_mib is not None and (
@@ -746,33 +743,6 @@ def _generate_steps(model, prompts: List[torch.Tensor], max_length: int, stats: 
     if stream is not None:
         stream.finish([x[b, len(p):] for b, p in enumerate(prompts)])
     return x
-def cut_at_eos(x: torch.Tensor, region: torch.Tensor, eos_probability: torch.Tensor,
-               threshold: float, *, eos_id: int, pad_id: Optional[int]):
-    """``adaptive_length``'s decision after step 0, in place on ``x`` and ``region``.
-
-    In each row the first generated position whose EOS probability (``eos_probability``, the
-    window's columns, right-aligned with ``x``) is ``>= threshold`` becomes EOS and every
-    position after it pad (EOS without a pad id); they leave the region.
-
-    Returns:
-        ``width``, the canvas columns still needed (``max`` of the rows' lengths), and the
-        ``(B, width)`` attention mask masking the shorter rows' tails (``None`` if none).
-    """
-    batch, length = x.shape
-    probability = torch.zeros(x.shape, dtype=eos_probability.dtype, device=x.device)
-    probability[:, length - eos_probability.shape[1]:] = eos_probability
-    hits = region & (probability >= threshold)
-    found = hits.any(1)
-    end = torch.where(found, hits.int().argmax(1), length)  # the EOS position, or the end
-    columns = torch.arange(length, device=x.device)[None, :]
-    x.masked_fill_(columns == end[:, None], eos_id)
-    x.masked_fill_(columns > end[:, None], pad_id if pad_id is not None else eos_id)
-    region &= columns < end[:, None]
-    lengths = torch.where(found, end + 1, length)
-    width = int(lengths.max())
-    if int(lengths.min()) == width:
-        return width, None
-    return width, (columns[:, :width] < lengths[:, None]).long()
 
 
 def drain_steps(steps: Iterator, observer: Optional[Callable] = None):

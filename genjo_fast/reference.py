@@ -10,7 +10,13 @@ only departures from the reference are the ones that make it a usable oracle:
   CUDA; on CPU its tie order is unspecified, so the oracle sorts stably instead);
 * the random numbers come from a :class:`~genjo_fast.draws.Draws` source, so tests can hand
   the oracle and genjo_fast the same draws;
-* the special token ids are keyword arguments instead of constants.
+* the special token ids are keyword arguments instead of constants;
+* ``constraints`` (genjo_fast's, from the reference's Gradio app): tokens placed at answer
+  positions before the first step (:mod:`genjo_fast.constraints`); they are not masks, so no
+  step writes them, the block's mask count leaves them out and CFG's unconditional copy masks
+  them with the prompt;
+* ``adaptive_length`` (APPROXIMATE, opt-in, genjo_fast's): the answer's end decided once,
+  after the first step that transfers a token (:mod:`genjo_fast.answer_length`).
 """
 from __future__ import annotations
 
@@ -19,6 +25,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .answer_length import eos_probability, plain_cut_at_eos, plain_open_tail
+from .constraints import place_constraints, resolve_constraints
 from .contract import EOS_ID, EOT_ID, MASK_ID, combine_cfg, init_sequence, model_logits
 from .draws import Draws, TorchDraws
 
@@ -117,7 +125,8 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
              temperature=0., cfg_scale=0., remasking='low_confidence', mask_id=MASK_ID,
              logits_eos_inf=False, confidence_eos_eot_inf=False, *,
              eos_id: int = EOS_ID, eot_id: int = EOT_ID,
-             draws: Optional[Draws] = None) -> torch.Tensor:
+             draws: Optional[Draws] = None, constraints=None, adaptive_length: bool = False,
+             length_threshold: float = 0.5) -> torch.Tensor:
     """Reference masked-diffusion sampling (plain PyTorch, slow).
 
     Args:
@@ -125,6 +134,17 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
         prompt: int64 ``(B, Lp)``, left-padded.
         attention_mask: ``(B, Lp)`` of 0/1 or ``None``.
         draws: source of uniform draws; default ``torch.rand`` on the global RNG.
+        constraints: ``{answer position: id or list of ids}``, placed before the first step
+            (:func:`genjo_fast.constraints.resolve_constraints`).
+        adaptive_length: APPROXIMATE. After the first step whose schedule transfers a token,
+            each row's answer ends at the first position whose EOS probability at that step
+            (:func:`~genjo_fast.answer_length.eos_probability`) is ``>= length_threshold``
+            and from which on the row holds only masks and EOS
+            (:func:`~genjo_fast.answer_length.plain_open_tail`); it and every later position
+            become ``eos_id``. Later steps run the model on the first ``width`` columns (the
+            longest row's end), the shorter rows' tails masked out of the attention; the rest
+            of the current block shares out the masks it has left over its steps left, and
+            later blocks count their masks as always.
     Returns:
         int64 ``(B, Lp + gen_length)``: the prompt followed by the generated tokens.
     """
@@ -132,13 +152,15 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
     device = prompt.device
     batch, prompt_len = prompt.shape
     x, attention_mask = init_sequence(prompt, attention_mask, gen_length, mask_id, device)
-    prompt_index = x != mask_id
+    place_constraints(x, prompt_len, resolve_constraints(constraints, gen_length, mask_id))
+    prompt_index = x != mask_id  # the prompt and the constraints: CFG's conditioning
 
     assert gen_length % block_length == 0
     num_blocks = gen_length // block_length
     assert steps % num_blocks == 0
     steps_per_block = steps // num_blocks
     seq_len = x.shape[1]
+    key_mask, decided = attention_mask, not adaptive_length
 
     for num_block in range(num_blocks):
         block_start = prompt_len + num_block * block_length
@@ -147,17 +169,21 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
         num_transfer_tokens = get_num_transfer_tokens(block_mask_index, steps_per_block)
         for i in range(steps_per_block):
             step = num_block * steps_per_block + i
-            mask_index = x == mask_id
+            xw = x[:, :seq_len]  # the canvas (adaptive_length may have cut it)
+            mask_index = xw == mask_id
             if cfg_scale > 0.:
-                un_x = x.clone()
-                un_x[prompt_index] = mask_id
-                x_ = torch.cat([x, un_x], dim=0)
-                mask_ = None if attention_mask is None else torch.cat([attention_mask] * 2, dim=0)
+                un_x = xw.clone()
+                un_x[prompt_index[:, :seq_len]] = mask_id
+                x_ = torch.cat([xw, un_x], dim=0)
+                mask_ = None if key_mask is None else torch.cat([key_mask] * 2, dim=0)
                 logits = model_logits(model, x_, mask_)
                 logits, un_logits = torch.chunk(logits, 2, dim=0)
                 logits = combine_cfg(logits, un_logits, cfg_scale)
             else:
-                logits = model_logits(model, x, attention_mask)
+                logits = model_logits(model, xw, key_mask)
+            probe = not decided and int(num_transfer_tokens[:, i].max()) > 0
+            if probe:  # before sample_step, whose EOS options write into the logits
+                eos_p = eos_probability(logits[:, prompt_len:], eos_id)
 
             vocab = logits.shape[-1]
             x0, x0_p = sample_step(
@@ -166,14 +192,30 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
                 remask=lambda: draws.remask(step, 0, seq_len, batch, device))
 
             x0_p[:, block_end:] = -torch.inf
-            x0 = torch.where(mask_index, x0, x)
+            x0 = torch.where(mask_index, x0, xw)
             confidence = torch.where(mask_index, x0_p, -torch.inf)
 
             transfer_index = torch.zeros_like(x0, dtype=torch.bool)
             for j in range(confidence.shape[0]):
                 select_index = topk_lowest_position(confidence[j], int(num_transfer_tokens[j, i]))
                 transfer_index[j, select_index] = True
-            x[transfer_index] = x0[transfer_index]
+            xw[transfer_index] = x0[transfer_index]
+
+            if probe:  # adaptive_length's cut
+                answer = x[:, prompt_len:]
+                lengths = plain_cut_at_eos(answer, plain_open_tail(answer, mask_id, eos_id), eos_p,
+                                           length_threshold, eos_id=eos_id, pad_id=None)
+                seq_len = prompt_len + max(lengths)
+                if min(lengths) < max(lengths):
+                    kept = (torch.arange(seq_len, device=device)[None, :]
+                            < prompt_len + torch.tensor(lengths, device=device)[:, None]).long()
+                    key_mask = kept if key_mask is None else key_mask[:, :seq_len] * kept
+                elif key_mask is not None:
+                    key_mask = key_mask[:, :seq_len]
+                decided = True
+                if i + 1 < steps_per_block:
+                    num_transfer_tokens[:, i + 1:] = get_num_transfer_tokens(
+                        x[:, block_start:block_end] == mask_id, steps_per_block - i - 1)
 
     return x
 
@@ -184,7 +226,7 @@ def generate_approximate(model, prompt, attention_mask=None, steps=128, gen_leng
                          remasking='low_confidence', mask_id=MASK_ID, logits_eos_inf=False,
                          confidence_eos_eot_inf=False, *, cache=None, refresh_every=None,
                          threshold=None, factor=None, eos_id: int = EOS_ID, eot_id: int = EOT_ID,
-                         draws: Optional[Draws] = None) -> torch.Tensor:
+                         draws: Optional[Draws] = None, constraints=None) -> torch.Tensor:
     """Fast-dLLM's approximate modes, stated plainly: the oracle of genjo_fast's cache.
 
     Works block by block on the rows of the current block (as in the exact sampler, nothing
@@ -206,7 +248,7 @@ def generate_approximate(model, prompt, attention_mask=None, steps=128, gen_leng
     Args:
         model: a genjo_fast :class:`~genjo_fast.models.LLaDAModel` (K/V through its
             ``forward_hidden(..., kv_hook=...)``, logits through ``lm_head``).
-        The others: as :func:`generate`.
+        The others (``constraints`` included): as :func:`generate`.
     Returns:
         int64 ``(B, Lp + gen_length)``.
     """
@@ -214,6 +256,7 @@ def generate_approximate(model, prompt, attention_mask=None, steps=128, gen_leng
     device = prompt.device
     batch, prompt_len = prompt.shape
     x, attention_mask = init_sequence(prompt, attention_mask, gen_length, mask_id, device)
+    place_constraints(x, prompt_len, resolve_constraints(constraints, gen_length, mask_id))
     prompt_index = x != mask_id
     num_blocks = gen_length // block_length
     adaptive = threshold is not None or factor is not None

@@ -78,6 +78,10 @@ Departures, only to make it a usable oracle:
   the prompt's shape) with ``TypeError``/``ValueError`` naming them, where upstream ignores
   unknown keywords and fails later on bad values; a missing mask id falls back to
   ``model.config.mask_token_id`` and then Dream's 151666.
+
+genjo_fast's approximate ``adaptive_length`` (off by default) is stated in
+:func:`diffusion_generate`'s docstring; with it, the batch-mean count follows genjo_fast's rule
+(a row unmasks at most its masked positions), not upstream's bug.
 """
 from __future__ import annotations
 
@@ -86,7 +90,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .contract import logits_of
+from .answer_length import eos_probability, plain_cut_at_eos, plain_open_tail
+from .contract import DREAM, logits_of
 from .reference import PlainKVCache, factor_transfer_row, threshold_transfer_row
 from .draws import Draws, TorchDraws
 from .dream_settings import UNSET, DreamGenerateOutput, resolve_settings
@@ -264,7 +269,9 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
                        alg_temp: Optional[float] = UNSET, temperature: float = UNSET,
                        top_p: Optional[float] = UNSET, top_k: Optional[int] = UNSET,
                        mask_token_id: int = UNSET, num_return_sequences: int = UNSET,
-                       output_history: bool = UNSET, return_dict_in_generate: bool = UNSET):
+                       output_history: bool = UNSET, return_dict_in_generate: bool = UNSET,
+                       adaptive_length: bool = False, length_threshold: float = 0.5,
+                       eos_id: int = DREAM.eos):
     """Dream's ``model.diffusion_generate(inputs, generation_config, **kwargs)`` as a function
     of the model (plain PyTorch, slow); the semantics are in the module docstring.
 
@@ -285,6 +292,16 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
         151666), num_return_sequences (1), output_history (False), return_dict_in_generate
         (False): upstream's settings; a setting left out takes the generation config's (or
         the model config's) value, else the default in parentheses.
+        adaptive_length: genjo_fast's APPROXIMATE variable length (no hooks): after step 0,
+            each row's answer ends at the first position whose EOS probability at step 0
+            (:func:`~genjo_fast.answer_length.eos_probability` of the shifted logits) is
+            ``>= length_threshold`` and from which on the row holds only masks and ``eos_id``
+            (:func:`~genjo_fast.answer_length.plain_open_tail`); it and every later position
+            become ``eos_id``. Later steps run on the first ``width`` columns (the longest
+            answer), the shorter rows' tails padding (a 0 in the mask: upstream's padded
+            attention and positions). Rows then differ in masked counts, and the batch-mean
+            count follows genjo_fast's rule, not upstream's bug: a row unmasks at most its
+            masked positions and its other tokens stay.
     Returns:
         int64 ``(B * num_return_sequences, max_length)``, or with ``return_dict_in_generate``
         a :class:`DreamGenerateOutput`.
@@ -318,9 +335,11 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
     sampling = dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
 
     x = tokens_hook(None, x, None)
+    width = length  # adaptive_length cuts the canvas to its first ``width`` columns
     for i in range(cfg.steps):
-        mask_index = x == mask_id
-        logits = logits_of(model(x, mask, tok_idx), batch, length)
+        xw = x[:, :width]
+        mask_index = xw == mask_id
+        logits = logits_of(model(xw, mask, tok_idx), batch, width)
         logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         logits = logits_hook(i, x, logits)
         mask_logits = logits[mask_index]
@@ -329,33 +348,49 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
 
         if cfg.alg == "origin":
             p_transfer = 1 if last else 1 - s / t
-            reveal = draws.remask(i, 0, length, batch, device)[mask_index] < p_transfer
+            reveal = draws.remask(i, 0, width, batch, device)[mask_index] < p_transfer
             uniform = None
             if cfg.temperature > 0:
-                uniform = draws.token(i, 0, length, batch, device)[mask_index][reveal]
-            x0 = torch.full_like(x[mask_index], mask_id)
+                uniform = draws.token(i, 0, width, batch, device)[mask_index][reveal]
+            x0 = torch.full_like(xw[mask_index], mask_id)
             x0[reveal] = sample_tokens(mask_logits[reveal], uniform=uniform, **sampling)[1]
-            x[mask_index] = x0
+            xw[mask_index] = x0
         else:
             uniform = None
             if cfg.temperature > 0:
-                uniform = draws.token(i, 0, length, batch, device)[mask_index]
+                uniform = draws.token(i, 0, width, batch, device)[mask_index]
             confidence, x0 = sample_tokens(mask_logits, uniform=uniform,
                                            margin_confidence=cfg.alg == "topk_margin",
                                            neg_entropy=cfg.alg == "entropy", **sampling)
             n = transfer_count(mask_index, t, s, last)
-            full_confidence = torch.full_like(x, -torch.inf, dtype=logits.dtype)
+            full_confidence = torch.full_like(xw, -torch.inf, dtype=logits.dtype)
             full_confidence[mask_index] = confidence
-            if n > 0:
+            # With adaptive_length (genjo_fast's rule), rows with no mask left choose nothing.
+            live = mask_index.any(1) if adaptive_length else torch.ones_like(mask_index[:, 0])
+            if n > 0 and bool(live.any()):
                 if cfg.alg_temp is None or cfg.alg_temp == 0:
-                    chosen = top_positions(full_confidence, n)
+                    chosen = top_positions(full_confidence[live], n)
                 else:
-                    weights = F.softmax(full_confidence / cfg.alg_temp, dim=-1)
+                    weights = F.softmax(full_confidence[live] / cfg.alg_temp, dim=-1)
                     chosen = sample_positions(weights, n,
-                                              draws.position(i, 0, length, batch, device))
-                candidate = torch.full_like(x, mask_id)  # mask id off the mask: the quirk
+                                              draws.position(i, 0, width, batch, device)[live])
+                # Off the mask: the mask id (upstream's quirk), or with adaptive_length the
+                # token there (genjo_fast's rule: nothing decoded is re-masked).
+                candidate = xw.clone() if adaptive_length else torch.full_like(xw, mask_id)
                 candidate[mask_index] = x0
-                x.scatter_(1, chosen, candidate.gather(1, chosen))
+                xw[live] = xw[live].scatter(1, chosen, candidate[live].gather(1, chosen))
+
+        if adaptive_length and i == 0:  # the cut, from step 0's EOS probabilities
+            answer = x[:, inputs.shape[1]:]
+            lengths = plain_cut_at_eos(answer, plain_open_tail(answer, mask_id, eos_id),
+                                       eos_probability(logits[:, inputs.shape[1]:], eos_id),
+                                       length_threshold, eos_id=eos_id, pad_id=None)
+            width = inputs.shape[1] + max(lengths)
+            key = (torch.ones_like(x) if attention_mask is None
+                   else F.pad(attention_mask.long(), (0, length - inputs.shape[1]), value=1))
+            key = key[:, :width] * (torch.arange(width, device=device)[None, :]
+                                    < inputs.shape[1] + torch.tensor(lengths, device=device)[:, None])
+            _, mask, tok_idx = prepare_canvas(x[:, :width], key, width, mask_id)
 
         x = tokens_hook(i, x, logits)
         if history is not None:

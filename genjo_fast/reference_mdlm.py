@@ -23,6 +23,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .answer_length import plain_cut_at_eos
 from .contract import call_model
 from .mdlm_contract import (MDLMDraws, TorchMDLMDraws, edit_probability, model_call_kwargs,
                             num_to_unmask, open_positions, unmask_probability, visible_positions)
@@ -161,17 +162,8 @@ def generate(model, prompts: Sequence[torch.Tensor], *, max_length: int, num_ste
                              mask_id=mask_id, pad_id=pad_id, eos_id=eos_id, shift=shift,
                              temperature=temperature, top_p=top_p, draws=draws)
         if adaptive_length and step == 0:
-            lengths = []
-            for b in range(len(prompts)):
-                hits = (region[b] & (probs[b, :, eos_id] >= length_threshold)).nonzero()
-                if len(hits):
-                    end = int(hits[0])
-                    x[b, end] = eos_id
-                    x[b, end + 1:] = pad_id if pad_id is not None else eos_id
-                    region[b, end:] = False
-                    lengths.append(end + 1)
-                else:
-                    lengths.append(max_length)
+            lengths = plain_cut_at_eos(x, region, probs[:, :, eos_id], length_threshold,
+                                       eos_id=eos_id, pad_id=pad_id)
             width = max(lengths)
             if min(lengths) < width:
                 attention_mask = (torch.arange(width, device=x.device)[None, :]

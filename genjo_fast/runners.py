@@ -18,6 +18,7 @@ from typing import Optional, Tuple
 import torch
 
 from .contract import accepts_logits_slice, call_model
+from .stopping import Compaction, take_rows
 from .validation import check_vocab_size
 
 
@@ -75,6 +76,14 @@ class FullForward:
         if self.cfg:
             return logits[:batch], logits[batch:]
         return logits, None
+
+    def compact(self, compaction: Compaction) -> None:
+        """Keeps the per-row inputs of the rows that go on (stopping at EOS)."""
+        model_rows = compaction.model_rows(self.cfg)  # the model's batch: doubled with CFG
+        self.prompt_index = take_rows(self.prompt_index, compaction.keep)
+        self.attention_mask = take_rows(self.attention_mask, model_rows)
+        self.model_kwargs = {name: take_rows(value, model_rows)
+                             for name, value in self.model_kwargs.items()}
 
     def check_vocab(self, logits: torch.Tensor) -> None:
         """At the first call: the special ids must index the logits' vocabulary."""

@@ -110,6 +110,23 @@ def encode_prompts(tokenizer, questions: Sequence[str]):
     return batch["input_ids"].long(), batch["attention_mask"].long()
 
 
+def answer_window(tokenizer, answer: str, gen_length: int = 32) -> List[int]:
+    """The layout of an answer in training and in scoring: its ids, ``<|eot_id|>``, then EOS
+    up to ``gen_length`` ids (LLaDA-Instruct's SFT padding; the window ``generate`` fills).
+
+    Raises:
+        ValueError: the answer and EoT do not fit in ``gen_length``.
+    """
+    from .tokenizer import special_ids
+
+    ids = special_ids(tokenizer)
+    tokens = tokenizer(answer, add_special_tokens=False)["input_ids"] + [ids["eot_id"]]
+    if len(tokens) > gen_length:
+        raise ValueError(f"answer {answer!r} takes {len(tokens)} tokens with EoT, more than "
+                         f"gen_length={gen_length}")
+    return tokens + [ids["eos_id"]] * (gen_length - len(tokens))
+
+
 def decode_answer(tokenizer, ids: Sequence[int], eos_id: int, eot_id: int) -> str:
     """The answer text of generated ids: up to the first EOS or EoT, special tokens skipped,
     stripped."""
@@ -213,22 +230,22 @@ def choice_problems(n: int, seed: int, split: str = "test") -> List[ChoiceProble
     return [draw_choice(rng, split) for _ in range(n)]
 
 
-def choice_continuation(choice: str) -> str:
-    """The scored continuation of a candidate answer: the answer then ``<|eot_id|>`` (an
-    assistant turn ends there; without it "10" would also be scored as the start of
-    "100")."""
-    from .tokenizer import EOT
-    return choice + EOT
+def choice_continuation(tokenizer, choice: str, gen_length: int = 32) -> str:
+    """The scored continuation of a candidate answer: its :func:`answer_window` as text (the
+    answer, ``<|eot_id|>``, EOS padding), the layout the model was trained on. (The bare
+    answer would also score "10" as the start of "100", and a sequence that ends right after
+    the answer is one the model never saw.)"""
+    return tokenizer.decode(answer_window(tokenizer, choice, gen_length))
 
 
 @torch.no_grad()
 def likelihood_accuracy(model, tokenizer, n: int = 100, seed: int = 0, mc_num: int = 32,
-                        batch_size: int = 32, split: str = "test", generator_seed: int = 0
-                        ) -> float:
+                        batch_size: int = 32, split: str = "test", generator_seed: int = 0,
+                        gen_length: int = 32) -> float:
     """How often ``genjo_fast.get_log_likelihoods`` ranks the right ``add`` answer first.
 
     For each of ``n`` :func:`choice_problems`, the log-likelihood of each
-    :func:`choice_continuation` given the chat prompt (``mc_num`` Monte Carlo rows, draws from
+    :func:`choice_continuation` (``gen_length`` tokens) given the chat prompt (``mc_num`` Monte Carlo rows, draws from
     a generator seeded with ``generator_seed``); the problem counts as right when the right
     answer's estimate is the highest of the four.
 
@@ -244,7 +261,7 @@ def likelihood_accuracy(model, tokenizer, n: int = 100, seed: int = 0, mc_num: i
         prompt = tokenizer(prompt_text(tokenizer, item.problem.question),
                            add_special_tokens=False)["input_ids"]
         for choice in item.choices:
-            answer = tokenizer(choice_continuation(choice), add_special_tokens=False)["input_ids"]
+            answer = answer_window(tokenizer, choice, gen_length)
             pairs.append((torch.tensor(prompt), torch.tensor(answer)))
     scores = get_log_likelihoods(model, pairs, mc_num, batch_size,
                                  mask_id=special_ids(tokenizer)["mask_id"],
@@ -255,7 +272,8 @@ def likelihood_accuracy(model, tokenizer, n: int = 100, seed: int = 0, mc_num: i
 
 
 def write_lm_eval_task(directory, tokenizer, n: int = 100, seed: int = 0,
-                       name: str = "genjo_add_choice", split: str = "test"):
+                       name: str = "genjo_add_choice", split: str = "test",
+                       gen_length: int = 32):
     """Writes a local lm-evaluation-harness multiple-choice task of :func:`choice_problems`.
 
     Files: ``{name}.jsonl`` (the chat prompt, the four continuations, the label) and
@@ -273,7 +291,8 @@ def write_lm_eval_task(directory, tokenizer, n: int = 100, seed: int = 0,
     directory.mkdir(parents=True, exist_ok=True)
     data = directory / f"{name}.jsonl"
     rows = [{"prompt": prompt_text(tokenizer, item.problem.question),
-             "choices": [choice_continuation(c) for c in item.choices], "label": item.label}
+             "choices": [choice_continuation(tokenizer, c, gen_length) for c in item.choices],
+             "label": item.label}
             for item in choice_problems(n, seed, split)]
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     spec = {"task": name, "dataset_path": "json", "test_split": "test",
@@ -287,6 +306,6 @@ def write_lm_eval_task(directory, tokenizer, n: int = 100, seed: int = 0,
 
 
 __all__ = ["TASKS", "SPLITS", "Problem", "split_of", "check_task", "draw", "problems",
-           "prompt_text", "encode_prompts", "decode_answer", "score", "evaluate", "ChoiceProblem",
-           "draw_choice", "choice_problems", "choice_continuation", "likelihood_accuracy",
-           "write_lm_eval_task"]
+           "prompt_text", "encode_prompts", "answer_window", "decode_answer", "score",
+           "evaluate", "ChoiceProblem", "draw_choice", "choice_problems", "choice_continuation",
+           "likelihood_accuracy", "write_lm_eval_task"]

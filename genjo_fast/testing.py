@@ -87,6 +87,42 @@ def _random_weights(model_class, config, seed: int, dtype, device,
     return model.requires_grad_(False).eval()
 
 
+class BiasedHead(nn.Module):
+    """An LM head plus a constant per-id bias on its logits (:func:`with_logit_bias`)."""
+
+    def __init__(self, head: nn.Module, bias: torch.Tensor):
+        super().__init__()
+        self.head = head
+        self.register_buffer("bias", bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden) + self.bias
+
+
+def with_logit_bias(model: nn.Module, bias: dict) -> nn.Module:
+    """Adds ``bias`` (``{token id: value}``) to the logits of a random
+    :class:`~genjo_fast.models.LLaDAModel` (untied head) or
+    :class:`~genjo_fast.models.DreamModel`, in place, on every path that computes logits (the
+    model's forward and its ``lm_head``, which the block cache uses); returns ``model``. E.g.
+    an EOS bias that makes answers end early (``stop_at_eos`` tests and benchmarks)."""
+    from .models import DreamModel, LLaDAModel
+
+    if isinstance(model, DreamModel):
+        parent, name = model, "lm_head"
+    elif isinstance(model, LLaDAModel) and not model.config.weight_tying:
+        parent, name = model.transformer, "ff_out"
+    else:
+        raise TypeError(f"with_logit_bias takes a LLaDAModel with an untied head or a "
+                        f"DreamModel, got {type(model).__name__}")
+    head = getattr(parent, name)
+    size = model.config.vocab_size if isinstance(model, DreamModel) else head.out_features
+    values = torch.zeros(size, dtype=model.dtype, device=model.device)
+    for token, value in bias.items():
+        values[token] += value
+    setattr(parent, name, BiasedHead(head, values))
+    return model
+
+
 class FullLogitsOnly(nn.Module):
     """Hides ``logits_slice`` from a model: genjo_fast then treats it as a generic model that
     computes logits for every position (as HF models do)."""
@@ -98,6 +134,54 @@ class FullLogitsOnly(nn.Module):
 
     def forward(self, input_ids, attention_mask=None):
         return self.model(input_ids, attention_mask=attention_mask)
+
+
+class EOSBias(nn.Module):
+    """A model that knows where its answer ends: ``model``'s logits with ``bias`` added to the
+    ``eos_id`` logit at every output column ``>= start`` (per row), as a model trained to pad
+    its answer with EOS predicts from the first step (``adaptive_length``'s tests and
+    benchmark). A Dream-style model's output at column ``i`` predicts position ``i + 1``: give
+    ``start`` one column earlier.
+
+    ``forward(input_ids, attention_mask=None, position_ids=None, logits_slice=None)``: the
+    position ids go to ``model`` when given (Dream's call); ``logits_slice`` too when
+    ``model`` takes it, else the full logits are sliced here.
+
+    Args:
+        model: a mask predictor returning ``.logits`` ``(B, L, V)``.
+        eos_id: the id favoured. start: an int or a ``(B,)`` int tensor of columns (repeated
+            over a ``2B`` CFG batch).
+        bias: added to the EOS logit (20 makes EOS all but certain there).
+    """
+
+    def __init__(self, model: nn.Module, eos_id: int, start, bias: float = 20.0):
+        super().__init__()
+        self.model = model
+        self.config = getattr(model, "config", None)
+        self.eos_id = eos_id
+        self.register_buffer("start", torch.as_tensor(start).reshape(-1), persistent=False)
+        self.bias = bias
+        from .contract import accepts_logits_slice
+        self.slices = accepts_logits_slice(model)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, logits_slice=None):
+        kwargs = {} if position_ids is None else {"position_ids": position_ids}
+        if logits_slice is not None and self.slices:
+            kwargs["logits_slice"] = logits_slice
+        out = self.model(input_ids, attention_mask, **kwargs)
+        logits = out if isinstance(out, torch.Tensor) else out.logits
+        columns = torch.arange(input_ids.shape[1], device=input_ids.device)
+        if logits_slice is not None:
+            columns = columns[logits_slice]
+            if not self.slices:
+                logits = logits[:, logits_slice]
+        start = self.start.to(columns.device)
+        if len(start) > 1:  # per row; a CFG batch (2B rows) repeats the rows
+            start = start.repeat(input_ids.shape[0] // len(start))
+        after = columns[None, :] >= start[:, None]
+        logits = logits.clone()
+        logits[..., self.eos_id] += self.bias * after
+        return SimpleNamespace(logits=logits)
 
 
 def random_prompts(batch: int, prompt_len: int, vocab_size: int, *, pad_id: int,

@@ -47,6 +47,25 @@ CHAT_TEMPLATE = (
 )
 
 
+def _transformers():
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ImportError("genjo_fast's chat tokenizer is a transformers tokenizer: "
+                          'pip install "genjo_fast[zoo]" (or transformers)') from exc
+    return transformers
+
+
+def load_tokenizer(directory):
+    """The tokenizer saved in ``directory`` by ``save_pretrained`` (e.g. a shipped model's),
+    as a ``transformers.PreTrainedTokenizerFast``.
+
+    Raises:
+        ImportError: transformers is not installed (the message names the ``zoo`` extra).
+    """
+    return _transformers().PreTrainedTokenizerFast.from_pretrained(str(directory))
+
+
 def build_tokenizer():
     """The character-level chat tokenizer.
 
@@ -59,8 +78,8 @@ def build_tokenizer():
         left-padded, as ``genjo_fast.generate`` expects) and :data:`CHAT_TEMPLATE`.
         ``decode(..., skip_special_tokens=True)`` drops every special token.
     """
+    PreTrainedTokenizerFast = _transformers().PreTrainedTokenizerFast
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     tens, hundreds = PLACE_MARKS
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + CHARACTERS + PLACE_DIGITS)}
@@ -95,6 +114,6 @@ def special_ids(tokenizer) -> dict:
             "eot_id": eot, "pad_id": tokenizer.pad_token_id}
 
 
-__all__ = ["build_tokenizer", "special_ids", "CHAT_TEMPLATE", "SPECIAL_TOKENS", "CHARACTERS",
+__all__ = ["build_tokenizer", "load_tokenizer", "special_ids", "CHAT_TEMPLATE", "SPECIAL_TOKENS", "CHARACTERS",
            "PLACE_MARKS", "PLACE_DIGITS",
            "MASK", "EOS", "EOT", "BOS", "UNK", "ROLES"]

@@ -185,26 +185,13 @@ def _step_seed(seed: int, step: int) -> int:
     return random.Random(f"genjo_fast.train:{seed}:{step}").getrandbits(63)
 
 
-def answer_window(tokenizer, answer: str, gen_length: int) -> List[int]:
-    """The answer's ids, ``<|eot_id|>``, then EOS up to ``gen_length`` ids (the SFT target).
-
-    Raises:
-        ValueError: the answer and EoT do not fit in ``gen_length``.
-    """
-    ids = special_ids(tokenizer)
-    tokens = tokenizer(answer, add_special_tokens=False)["input_ids"] + [ids["eot_id"]]
-    if len(tokens) > gen_length:
-        raise ValueError(f"answer {answer!r} takes {len(tokens)} tokens with EoT, more than "
-                         f"gen_length={gen_length}")
-    return tokens + [ids["eos_id"]] * (gen_length - len(tokens))
-
-
 def make_batch(config: TrainConfig, tokenizer, step: int
                ) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """The training batch of ``step`` (a function of ``config.seed`` and ``step`` only).
 
     Rows pick their task with ``config.task_weights`` and draw a problem of the ``train``
-    split; each row is its left-padded chat prompt then :func:`answer_window`.
+    split; each row is its left-padded chat prompt then
+    :func:`~genjo_fast.tasks.answer_window`.
 
     Returns:
         ``(input_ids, attention_mask, prompt_length)``: int64 ``(B, Lp + gen_length)`` each
@@ -215,7 +202,7 @@ def make_batch(config: TrainConfig, tokenizer, step: int
     chosen = rng.choices(config.tasks, weights=config.task_weights, k=config.batch_size)
     items = [task_suite.draw(task, rng, "train") for task in chosen]
     prompt, prompt_mask = task_suite.encode_prompts(tokenizer, [p.question for p in items])
-    answers = torch.tensor([answer_window(tokenizer, p.answer, config.gen_length)
+    answers = torch.tensor([task_suite.answer_window(tokenizer, p.answer, config.gen_length)
                             for p in items], dtype=torch.long)
     input_ids = torch.cat([prompt, answers], dim=1)
     attention_mask = torch.cat([prompt_mask, torch.ones_like(answers)], dim=1)

@@ -37,10 +37,13 @@ def check_token_tensor(name: str, value, dims: int, shape: str) -> None:
 
 
 def check_generate_args(prompt, attention_mask, steps, gen_length, block_length, temperature,
-                        cfg_scale, remasking, mask_id, token_ids: dict) -> None:
+                        cfg_scale, remasking, mask_id, token_ids: dict, *,
+                        divisible: bool = True) -> None:
     """Validates the arguments of ``generate`` that do not need the model.
 
     ``token_ids`` maps argument names (``eos_id``...) to the special ids in use.
+    ``divisible``: ``generate.py``'s requirements that ``block_length`` divide ``gen_length``
+    and the number of blocks divide ``steps`` (the reference app's sampler has none).
     """
     check_token_tensor("prompt", prompt, 2, "(batch, prompt_length)")
     if prompt.shape[0] == 0:
@@ -55,11 +58,11 @@ def check_generate_args(prompt, attention_mask, steps, gen_length, block_length,
     _check_float("cfg_scale", cfg_scale)
     if remasking not in REMASKING_MODES:
         raise ValueError(f"remasking must be one of {REMASKING_MODES}, got {remasking!r}")
-    if gen_length % block_length != 0:
+    if divisible and gen_length % block_length != 0:
         raise ValueError(f"gen_length ({gen_length}) must be a multiple of "
                          f"block_length ({block_length})")
     num_blocks = gen_length // block_length
-    if steps % num_blocks != 0:
+    if divisible and steps % num_blocks != 0:
         raise ValueError(f"steps ({steps}) must be a multiple of the number of blocks "
                          f"gen_length // block_length = {num_blocks}")
 
@@ -81,6 +84,24 @@ def check_generate_args(prompt, attention_mask, steps, gen_length, block_length,
         where = "real tokens" if bool(((prompt == mask_id) & real).any()) else "padding"
         raise ValueError(f"prompt contains mask_id={mask_id} in its {where}: the mask id marks "
                          "positions to generate; pad with another id (e.g. EOS)")
+
+
+def check_positions(positions, shape) -> None:
+    """``generate``'s ``positions``: ``None``, or an integer tensor of ``shape`` (the canvas,
+    ``(batch, prompt_length + gen_length)``) holding positions ``>= 0``."""
+    if positions is None:
+        return
+    if not isinstance(positions, torch.Tensor):
+        raise TypeError(f"positions must be a torch.Tensor or None, got "
+                        f"{type(positions).__name__}")
+    if positions.dtype.is_floating_point or positions.dtype.is_complex \
+            or positions.dtype == torch.bool:
+        raise TypeError(f"positions must hold integer positions, got dtype {positions.dtype}")
+    if tuple(positions.shape) != tuple(shape):
+        raise ValueError(f"positions must have the canvas' shape (batch, prompt_length + "
+                         f"gen_length) = {tuple(shape)}, got {tuple(positions.shape)}")
+    if positions.numel() and int(positions.min()) < 0:
+        raise ValueError(f"positions must be >= 0, got {int(positions.min())}")
 
 
 def check_vocab_size(vocab_size: Optional[int], mask_id: int, token_ids: dict,
@@ -160,3 +181,32 @@ def check_cuda_graph_args(model, device: torch.device, draws) -> None:
                          f"reference model with model_type 'llada'), got {type(model).__name__}")
     if draws is not None:
         raise ValueError("cuda_graph=True cannot replay injected draws; pass draws=None")
+
+
+def check_variant_args(sampler: str, samplers: tuple, *, adaptive_length: bool,
+                       stop_at_eos: bool, cache, threshold, factor, cuda_graph: bool,
+                       logits_eos_inf: bool, confidence_eos_eot_inf: bool) -> None:
+    """``generate``'s ``sampler`` and what combines with it and with ``adaptive_length``: the
+    reference app's sampler has none of ``generate.py``'s EOS options and no approximate mode;
+    ``adaptive_length`` runs on the exact schedule (no cache, parallel decoding or CUDA graph)
+    and reads the EOS probability, which ``logits_eos_inf`` removes; ``stop_at_eos`` (which
+    drops finished rows from the batch) runs with neither."""
+    if sampler not in samplers:
+        raise ValueError(f"sampler must be one of {samplers}, got {sampler!r}")
+    approximate = {"cache": cache is not None, "threshold": threshold is not None,
+                   "factor": factor is not None, "cuda_graph": bool(cuda_graph)}
+    if sampler == "app":
+        for name, used in (("logits_eos_inf", logits_eos_inf),
+                           ("confidence_eos_eot_inf", confidence_eos_eot_inf),
+                           ("adaptive_length", adaptive_length),
+                           ("stop_at_eos", stop_at_eos), *approximate.items()):
+            if used:
+                raise ValueError(f"sampler='app' (the reference app's sampler) does not take "
+                                 f"{name}; use the default sampler='generate'")
+    if adaptive_length:
+        for name, used in (("logits_eos_inf", logits_eos_inf), ("stop_at_eos", stop_at_eos),
+                           *approximate.items()):
+            if used:
+                raise ValueError(f"adaptive_length=True does not combine with {name}"
+                                 + (" (it forbids the EOS that ends the answer)"
+                                    if name == "logits_eos_inf" else ""))

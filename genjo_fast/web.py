@@ -99,8 +99,8 @@ def build(models: Models, settings: Settings, delay: float = 0.05) -> gr.Blocks:
                     label="Positional constraints (LLaDA)", value=settings.constraints,
                     placeholder="0:Once, 5:upon", elem_id="constraints",
                     info="pos:word, ... places each word (with a leading space) from that "
-                         "answer position on; needs a genjo_fast whose generate has "
-                         "constraints=")
+                         "answer position on, kept at every step (the reference app's "
+                         "constraints)")
                 clear = gr.Button("Clear conversation", elem_id="clear")
             with gr.Column(scale=2):
                 visual = gr.HighlightedText(
@@ -146,6 +146,9 @@ def build(models: Models, settings: Settings, delay: float = 0.05) -> gr.Blocks:
                                           value=0.9 if settings.threshold is None
                                           else settings.threshold, label="Threshold")
                     stop_at_eos = gr.Checkbox(value=settings.stop_at_eos, label="Stop at EOS")
+                    sampler = gr.Radio(["generate", "app"], value=settings.sampler,
+                                       label="Sampler (the reference generate.py's or its "
+                                             "Gradio app's)", elem_id="sampler")
             with gr.Group(visible=chat0.family == "dream") as dream_box:
                 with gr.Row():
                     alg = gr.Dropdown(["entropy", "maskgit_plus", "topk_margin", "origin"],
@@ -156,17 +159,18 @@ def build(models: Models, settings: Settings, delay: float = 0.05) -> gr.Blocks:
                                       label="Top-k (0: off)")
         controls = [gen_length, steps, temperature, seed, backend, block_length, cfg_scale,
                     remasking, cache, parallel, threshold, stop_at_eos, alg, top_p, top_k,
-                    constraints]
+                    constraints, sampler]
 
         def read_settings(chat: ChatModel, values) -> Settings:
             """The controls' values as :class:`Settings` (those of the other family left at
             their defaults; Gradio sends 0 for an emptied number field)."""
             (gen, n, temp, seed_, backend_, block, cfg, remask, cache_, use_threshold, thr,
-             stop, alg_, p, k, cons) = values
+             stop, alg_, p, k, cons, sampler_) = values
             if chat.family == "dream":
                 return Settings(gen_length=int(gen), steps=int(n), temperature=float(temp),
                                 seed=int(seed_ or 0),
-                                backend=None if backend_ == "auto" else backend_, alg=alg_,
+                                backend=None if backend_ == "auto" else backend_,
+                                stop_at_eos=bool(stop), alg=alg_,
                                 top_p=float(p) if p and p < 1 else None,
                                 top_k=int(k) if k else None)
             return Settings(gen_length=int(gen), steps=int(n), temperature=float(temp),
@@ -175,7 +179,8 @@ def build(models: Models, settings: Settings, delay: float = 0.05) -> gr.Blocks:
                             block_length=int(block), cfg_scale=float(cfg), remasking=remask,
                             cache=None if cache_ == "none" else cache_,
                             threshold=float(thr) if use_threshold else None,
-                            stop_at_eos=bool(stop), constraints=cons or "")
+                            stop_at_eos=bool(stop), constraints=cons or "",
+                            sampler=sampler_)
 
         def session_of(state: Optional[Session], name: str) -> Session:
             chat = models.get(name)

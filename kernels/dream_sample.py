@@ -252,7 +252,7 @@ def dream_sample(
             ``generator``: the same distribution as the torch op's inverse CDF, other draws).
         confidence: ``"prob"``, ``"margin"`` or ``"neg_entropy"``.
         top_p, top_k: upstream's filters; when one is active the call is handed to the torch
-            op (exact, unfused).
+            op (exact: its filtered path, :func:`genjo_fast.sampling.filtered_rows`).
         token_uniform: injected draws; at ``temperature > 0`` the call is handed to the torch
             op, which draws by inverse CDF with them (so the result equals the plain
             statement's for the same draws).

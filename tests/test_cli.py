@@ -99,55 +99,47 @@ def test_old_turns_are_dropped_to_fit_the_context(tmp_path):
         next(conversation.reply("  ", settings))
 
 
-def test_settings_of_the_other_family_and_missing_features_are_refused(chat):
+def test_settings_of_the_other_family_and_bad_constraints_are_refused(chat):
     conversation = Conversation(chat)
     with pytest.raises(ChatError, match="alg is not an option of LLaDA"):
         next(conversation.reply("hi", Settings(alg="entropy")))
     with pytest.raises(ChatError, match="constraint 'x': write position:word"):
         next(conversation.reply("hi", Settings(constraints="x")))
-    import inspect
-    import genjo_fast
-    parameters = inspect.signature(genjo_fast.generate).parameters
-    if "constraints" not in parameters:
-        with pytest.raises(ChatError, match="positional constraints is not available"):
-            next(conversation.reply("hi", Settings(constraints="0:a")))
-    if "stop_at_eos" not in parameters:
-        with pytest.raises(ChatError, match="stop at EOS is not available"):
-            next(conversation.reply("hi", Settings(stop_at_eos=True)))
+    with pytest.raises(ValueError, match="constraints"):  # past the answer's 32 positions
+        list(conversation.reply("hi", Settings(constraints="40:a")))
     assert conversation.turns == []
 
 
-def test_parse_constraints(chat):
-    from genjo_fast.chat import parse_constraints
-    ids = lambda text: chat.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    assert parse_constraints("0:Once, 5:upon", chat.tokenizer) == {0: ids(" Once"),
-                                                                   5: ids(" upon")}
-    assert parse_constraints("", chat.tokenizer) == {}
-    for bad, reason in (("-1:a", "integer >= 0"), ("a:b", "integer >= 0"),
-                        ("1:", "write position:word"), ("1:a, 1:b", "constrained twice")):
-        with pytest.raises(ChatError, match=reason):
-            parse_constraints(bad, chat.tokenizer)
+def last_reply(chat, message, settings):
+    *_, reply = Conversation(chat).reply(message, settings)
+    return reply
 
 
-def test_the_zoo_model_is_the_default(monkeypatch):
-    """load_chat_model() asks genjo_fast.zoo for tiny-chat (a stand-in zoo here; the real one
-    is tested with its model in test_web.py)."""
-    import types
-    tokenizer = char_tokenizer()
-    asked = []
+def test_constraints_stop_at_eos_and_the_app_sampler_reach_the_sampler(chat):
+    """The LLaDA options the reference app has: constraints are kept in the answer; stopping
+    at EOS gives the same answer in fewer forwards (or as many, if the answer fills the
+    length); the app's sampler runs."""
+    plain = last_reply(chat, "Sort: 3 1 2", Settings())
+    word = chat.tokenizer(" zq", add_special_tokens=False)["input_ids"]
+    constrained = last_reply(chat, "Sort: 3 1 2", Settings(constraints="4:zq"))
+    assert constrained.ids[4:4 + len(word)] == word
+    stopped = last_reply(chat, "Sort: 3 1 2", Settings(stop_at_eos=True))
+    assert stopped.text == plain.text and stopped.forwards <= plain.forwards
+    app = last_reply(chat, "Sort: 3 1 2", Settings(sampler="app", constraints="0:zq"))
+    assert app.ids[:len(word)] == word
 
-    def load(name, device="cpu"):
-        asked.append(name)
-        if name != "tiny-chat":
-            raise ValueError(f"name={name!r} is not a shipped model")
-        return tiny_llada(tokenizer), tokenizer
 
-    monkeypatch.setitem(sys.modules, "genjo_fast.zoo", types.SimpleNamespace(load=load))
-    import genjo_fast
-    monkeypatch.setattr(genjo_fast, "zoo", sys.modules["genjo_fast.zoo"], raising=False)
+def test_the_zoo_model_is_the_default():
+    """load_chat_model() loads the shipped tiny-chat, which answers through the chat's own
+    prompt and sampling settings."""
+    from genjo_fast.tokenizer import special_ids
+
     chat = load_chat_model(device="cpu")
-    assert asked == ["tiny-chat"] and chat.name == "tiny-chat" and chat.family == "llada"
-    assert (chat.mask_id, chat.eos_id, chat.stop_ids) == (MASK_ID, EOS_ID, (EOS_ID, EOT_ID))
+    assert chat.name == "tiny-chat" and chat.family == "llada"
+    ids = special_ids(chat.tokenizer)
+    assert (chat.mask_id, chat.eos_id, chat.stop_ids) == (
+        ids["mask_id"], ids["eos_id"], (ids["eos_id"], ids["eot_id"]))
+    assert answers(chat, ["What is 21 plus 34?"]) == ["55"]
     with pytest.raises(ChatError, match="not a zoo model"):
         load_chat_model("no-such-model", device="cpu")
 
@@ -220,7 +212,7 @@ def test_pipe_with_a_dream_checkpoint(tmp_path):
 def test_bad_model_and_settings_exit_with_a_message(tmp_path, checkpoint):
     (tmp_path / "file").write_text("x")
     (tmp_path / "empty").mkdir()
-    cases = [(["--model", str(tmp_path / "missing")], "no directory"),
+    cases = [(["--model", str(tmp_path / "missing")], "no such directory, and not a zoo model"),
              (["--model", str(tmp_path / "file")], "not a directory"),
              (["--model", str(tmp_path / "empty")], "not a checkpoint directory (no config.json)"),
              (["--model", str(checkpoint), "--alg", "entropy"], "alg is not an option of LLaDA"),

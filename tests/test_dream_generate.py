@@ -93,6 +93,27 @@ def test_same_draws_identical(fast, options):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.95, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("alg,top_k,flat", [("maskgit_plus", None, False),
+                                            ("topk_margin", 4, False),
+                                            ("entropy", None, True),
+                                            ("origin", 30, True)])
+def test_top_p_same_draws_identical(fast, top_p, dtype, alg, top_k, flat):
+    """top_p / top_k at temperature > 0 (the filtered sampling path): identical tokens to the
+    statement's for the same draws, in float32 and bf16 (where the Categorical fallback also
+    fires), on peaked distributions and on flat ones (logits divided by 8 in the logits hook:
+    large nucleus sets and many ties at the cut in bf16)."""
+    import copy
+    model = fast if dtype == torch.float32 else copy.deepcopy(fast).to(dtype)
+    inputs, attention_mask = prompts(3)
+    hook = (lambda step, x, logits: logits / 8) if flat else None
+    got, want = both(model, inputs, attention_mask, max_new_tokens=9, steps=5, alg=alg,
+                     temperature=0.7, top_p=top_p, top_k=top_k,
+                     generation_logits_hook_func=hook)
+    assert torch.equal(got, want)
+
+
 def test_hooks_and_history(fast):
     inputs, attention_mask = prompts(2)
     seen = {"ref": [], "fast": []}

@@ -457,3 +457,199 @@ def test_check_rows_fallback_to_argmax():
     assert torch.equal(fell_back[0], greedy[0]) and torch.equal(fell_back[1], greedy[1])
     kept = sampling.dream_sample(logits, check_rows=~rejects[None], **kw)
     assert torch.equal(kept[0], sampled[0]) and torch.equal(kept[1], sampled[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The filtered path (top_p / top_k): sampling.filtered_rows against the plain formulas.
+# ---------------------------------------------------------------------------------------------
+from genjo_fast import reference_dream  # noqa: E402
+
+FILTERS = [(0.5, None), (0.9, None), (0.95, None), (1.0, 7), (None, 1), (0.9, 3), (0.95, 40)]
+
+
+def tied_logits(rows, vocab, dtype, seed, scale=3.0, step=0.25):
+    """Logits on a coarse grid (``step``): every row holds many equal values, so the top-p cut
+    and the top-k threshold fall inside groups of tied ids, where the order matters."""
+    g = torch.Generator().manual_seed(seed)
+    return ((torch.randn(rows, vocab, generator=g) * scale / step).round() * step).to(dtype)
+
+
+def same_rows(got, want):
+    """Every field of two DreamRows equal (NaN at the same places), dtypes included."""
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert same_values(a, b) if a.dtype.is_floating_point else torch.equal(a, b)
+
+
+def statement_keep(tempered, top_p, top_k):
+    """The ids the plain statement's filters keep (genjo_fast.reference_dream)."""
+    lowest = torch.finfo(tempered.dtype).min
+    filtered = tempered
+    if top_p is not None and top_p < 1:
+        filtered = reference_dream.top_p_logits(filtered, top_p)
+    if top_k is not None:
+        filtered = reference_dream.top_k_logits(filtered, top_k)
+    return filtered != lowest
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("filters", FILTERS)
+def test_nucleus_keep_is_the_statements_mask(dtype, filters):
+    """The kept ids, tie order included, equal those of reference_dream's top_p_logits /
+    top_k_logits (a stable sort, ties by lowest id) on rows full of ties; every row here is
+    regular; the test has rows whose cut splits a group of tied ids."""
+    top_p, top_k = filters
+    logits = tied_logits(24, 301, dtype, seed=len(FILTERS) * 3 + (top_k or 0))
+    keep, regular = sampling.nucleus_keep(logits, top_p, top_k)
+    assert regular.all()
+    assert torch.equal(keep, statement_keep(logits, top_p, top_k))
+    if top_p is not None and top_p < 1 and top_k is None:
+        cut = logits.masked_fill(~keep, torch.inf).min(-1, keepdim=True).values
+        split = ((logits == cut) & ~keep).any(-1)  # a tied id of the last kept value dropped
+        assert split.any()
+
+
+def test_nucleus_keep_ties_go_to_the_lowest_ids():
+    """By hand: probabilities 4/9 (id 0), then 1/9 for each of the tied ids 1, 3, 4, 6: the
+    running sums 0.44, 0.56, 0.67 cross 0.6 at the third entry, which stays: id 0 and the two
+    LOWEST tied ids, 1 and 3."""
+    logits = torch.tensor([[4.0, 1.0, 0.5, 1.0, 1.0, 0.5, 1.0, 1e-9]]).log()
+    keep, regular = sampling.nucleus_keep(logits, 0.6, None)
+    assert regular.all()
+    assert keep[0].nonzero()[:, 0].tolist() == [0, 1, 3]
+    assert torch.equal(keep, statement_keep(logits, 0.6, None))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("filters", FILTERS)
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_filtered_rows_equal_plain_rows(dtype, filters, temperature):
+    """Every output (x0, confidence, the argmax, its confidence, the Categorical check) of the
+    filtered path equals the plain formulas' bit for bit, for the same draws, on rows with
+    ties, for every confidence."""
+    top_p, top_k = filters
+    logits = tied_logits(40, 257, dtype, seed=int(temperature * 10) + (top_k or 0), scale=2.0)
+    u = torch.rand(40, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    u = u if temperature > 0 else None
+    for kind in KINDS:
+        for fallback in (False, True):
+            args = (logits, temperature, kind, top_p, top_k, u, fallback)
+            same_rows(sampling.filtered_rows(*args), sampling.plain_rows(*args))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_filtered_rows_irregular_rows(dtype):
+    """Rows the fast path cannot state (NaN, +inf, all -inf, a maximum near the dtype's
+    minimum) are marked irregular and computed by the plain formulas: same results."""
+    logits = tied_logits(6, 200, dtype, seed=5)
+    logits[0, 17] = float("nan")
+    logits[1, 3] = torch.inf
+    logits[2] = -torch.inf
+    logits[3] = torch.finfo(dtype).min
+    logits[3, 9] = torch.finfo(dtype).min / 2  # finite, far from the others: still regular
+    logits[4, :] = -torch.inf
+    logits[4, 5] = 1.0  # one finite id
+    _, regular = sampling.nucleus_keep(logits, 0.9, None)
+    assert regular.tolist() == [False, False, False, True, True, True]
+    u = torch.rand(6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for top_p, top_k in ((0.9, None), (None, 4), (0.9, 4)):
+        for temperature, draws in ((0.0, None), (1.0, u)):
+            args = (logits, temperature, "prob", top_p, top_k, draws, True)
+            same_rows(sampling.filtered_rows(*args), sampling.plain_rows(*args))
+
+
+def test_filtered_rows_float16_maximum_near_the_minimum():
+    """float16: a maximum within 128 of the dtype's minimum misses the fast path's margin
+    (which makes exp(min - m), a removed logit's weight, underflow to 0 in every dtype): the
+    row goes to the plain path, with the same results."""
+    lowest = torch.finfo(torch.float16).min
+    logits = torch.full((1, 50), lowest, dtype=torch.float16)
+    logits[0, :4] = torch.tensor([lowest + 32 * i for i in range(4)], dtype=torch.float16)
+    _, regular = sampling.nucleus_keep(logits, 0.5, None)
+    assert not regular.any()
+    args = (logits, 0.0, "neg_entropy", 0.5, None, None, False)
+    same_rows(sampling.filtered_rows(*args), sampling.plain_rows(*args))
+
+
+def test_filtered_rows_tiny_kept_probabilities_take_the_full_sum(monkeypatch):
+    """float32 kept probabilities below 2^-29 (top_k over a wide range of logits): the kept
+    ids' float64 running sum is then not exact, and a parallel scan (CUDA's cumsum) may round
+    it differently from the whole vocabulary's, so those rows draw from the full sum (handed
+    to inverse_cdf with all 300 columns); the draws are the plain formulas'."""
+    logits = torch.linspace(0.0, -60.0, 300)[None].repeat(8, 1)
+    logits[:, 0] = 5.0
+    u = torch.tensor([0.0, 0.5, 0.99, 0.999, 0.9999, 1 - 2.0 ** -53, 0.3, 0.9999999],
+                     dtype=torch.float64)
+    full_sums = []
+    real_inverse_cdf = sampling.inverse_cdf
+    monkeypatch.setattr(sampling, "inverse_cdf", lambda cdf, v: (
+        full_sums.append(cdf.shape[-1] == 300), real_inverse_cdf(cdf, v))[1])
+    args = (logits, 1.0, "prob", None, 250, u, True)
+    got = sampling.filtered_rows(*args)
+    assert any(full_sums)
+    same_rows(got, sampling.plain_rows(*args))
+
+
+def test_filtered_rows_both_helpers_agree():
+    """The numpy and the torch forms of the two helpers give the same results."""
+    logits = tied_logits(12, 333, torch.bfloat16, seed=3)
+    logits[0, 4] = float("nan")
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        rows = logits.to(dtype)
+        a = sampling.sorted_values(rows, use_numpy=True)
+        b = sampling.sorted_values(rows, use_numpy=False)
+        assert same_values(a.to(dtype), b) and torch.equal(a[1:], torch.sort(
+            rows[1:], dim=-1, descending=True).values.flip(-1).to(a.dtype))
+        assert a[0, -1].isnan() and b[0, -1].isnan()  # NaN last
+    keep = logits > 0.5
+    keep[3] = False
+    for use_numpy in (True, False):
+        ids, counts = sampling.nonzero_ids(keep, use_numpy=use_numpy)
+        assert ids.shape == (12, 1 + int(keep.sum(-1).max()))
+        assert counts.tolist() == keep.sum(-1).tolist()
+        for r in range(12):
+            assert ids[r, :counts[r]].tolist() == keep[r].nonzero()[:, 0].tolist()
+            assert (ids[r, counts[r]:] == 0).all()
+
+
+@pytest.mark.parametrize("filters", [(0.9, None), (None, 5), (0.6, 3)])
+def test_filtered_sampling_frequencies(filters):
+    """Drawn with a generator, x0 follows the filtered distribution (4-sigma per id, removed
+    ids never drawn); each confidence is the probability of its token."""
+    top_p, top_k = filters
+    base = torch.tensor([0.3, -1.0, 2.0, 0.0, 1.1, -torch.inf, 0.9, 1.1, -0.4])
+    n = 20000
+    x0, conf = sampling.dream_sample(base.expand(1, n, 9), temperature=0.8, confidence="prob",
+                                     top_p=top_p, top_k=top_k,
+                                     generator=torch.Generator().manual_seed(0))
+    expected = sampling.dream_probs(base, 0.8, top_p, top_k).double()
+    assert (expected > 0).sum() < 8  # the filter removes ids
+    freq = torch.bincount(x0.flatten(), minlength=9).double() / n
+    assert torch.all(freq[expected == 0] == 0)
+    assert torch.all((freq - expected).abs() <= 4 * (expected * (1 - expected) / n).sqrt() + 1e-4)
+    assert torch.equal(conf[0], sampling.dream_probs(base, 0.8, top_p, top_k)[x0[0]])
+
+
+def test_filtered_dream_sample_large_vocabulary():
+    """Dream's vocabulary size in float32 and bf16, through dream_sample's chunks, with the
+    argmax fallback: the same tokens and confidences as the plain formulas."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 152064, generator=g) * 0.6
+    u = torch.rand(2, 3, generator=g, dtype=torch.float64)
+    check = torch.ones(2, 3, dtype=torch.bool)
+    for dtype in (torch.float32, torch.bfloat16):
+        rows = logits.to(dtype)
+        for top_p, top_k in ((0.95, None), (0.5, 50)):
+            kw = dict(temperature=0.2, confidence="prob", top_p=top_p, top_k=top_k,
+                      token_uniform=lambda a, b: u[:, a:b], check_rows=check)
+            got = sampling.dream_sample(rows, **kw)
+            want = sampling.plain_rows(rows.reshape(6, -1), 0.2, "prob", top_p,
+                                       top_k, u.reshape(6), True)
+            assert got[0].shape == (2, 3)
+            rejected = bool((want.rejects).any())
+            want_x0 = want.greedy_x0 if rejected else want.x0
+            want_conf = want.greedy_confidence if rejected else want.confidence
+            assert torch.equal(got[0].reshape(6), want_x0)
+            assert same_values(got[1].reshape(6), want_conf)

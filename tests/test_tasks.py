@@ -165,4 +165,7 @@ def test_write_lm_eval_task(tokenizer, tmp_path):
     items = tasks.choice_problems(5, seed=1)
     for row, item in zip(rows, items):
         assert row["prompt"] == tasks.prompt_text(tokenizer, item.problem.question)
-        assert row["choices"][row["label"]] == item.problem.answer + EOT
+        right = row["choices"][row["label"]]
+        assert right == item.problem.answer + EOT + EOS * (31 - len(item.problem.answer))
+        ids = tokenizer(right, add_special_tokens=False)["input_ids"]
+        assert ids == tasks.answer_window(tokenizer, item.problem.answer)  # re-encodes

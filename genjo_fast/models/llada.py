@@ -493,7 +493,8 @@ class LLaDAModel(nn.Module):
         return self.transformer.ff_out(h)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                logits_slice: Optional[slice] = None) -> LLaDAOutput:
+                logits_slice: Optional[slice] = None,
+                positions: Optional[torch.Tensor] = None) -> LLaDAOutput:
         """Mask-predictor logits.
 
         Args:
@@ -501,11 +502,13 @@ class LLaDAModel(nn.Module):
             attention_mask: ``(B, L)`` of 0/1, 0 on (left) padding, or ``None``.
             logits_slice: a ``slice`` of positions; the final norm and the LM head then run on
                 those rows only.
+            positions: absolute RoPE positions, int ``(L,)`` or ``(B, L)``; default
+                ``0 .. L-1`` (see :meth:`forward_hidden`).
         Returns:
             :class:`LLaDAOutput` with ``logits`` ``(B, L or len(slice), embedding_size)`` in
             the model dtype.
         """
-        hidden = self.forward_hidden(input_ids, attention_mask)
+        hidden = self.forward_hidden(input_ids, attention_mask, positions)
         if logits_slice is not None:
             hidden = hidden[:, logits_slice]
         return LLaDAOutput(logits=self.lm_head(hidden))
