@@ -25,7 +25,7 @@ plain statement of the upstream loop (:func:`genjo_fast.reference_mdlm.generate`
 row) on 2 prompts, 32 generated positions and 3 steps. Targets: 4x faster and 4x lower peak
 memory than upstream (the default side).
 
-``test_bench_adaptive_length``: a 2-layer GPT-2-shaped DiffuGPT (hidden 768, vocab 50257)
+``test_bench_mdlm_adaptive_length``: a 2-layer GPT-2-shaped DiffuGPT (hidden 768, vocab 50257)
 whose prediction at a chosen position is EOS, a 512-token canvas (prompt 64), 32 steps,
 batch 2: a fixed-length run vs ``adaptive_length=True`` (approximate), with the forward work
 (positions through the body, rows through the LM head, the FLOPs they imply) and the time.
@@ -184,7 +184,7 @@ def diffugpt_with_eos_at(position, device):
     return model.to(device)
 
 
-def test_bench_adaptive_length(bench, device):
+def test_bench_mdlm_adaptive_length(bench, device):
     model = diffugpt_with_eos_at(PROMPT + ANSWER, device)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 50000, (PROMPT,), generator=g).to(device) for _ in range(2)]
