@@ -22,7 +22,7 @@ at the answers' predicted end after the first step.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Collection, Optional, Sequence
 
 import torch
 
@@ -35,7 +35,8 @@ from .dream_settings import DreamGenerateOutput, resolve_settings
 from .engine import StepEvent, Window, denoise, progress_bar
 from .models import DreamModel, dream_from_reference, is_dream
 from .runners import FullForward
-from .stopping import Compaction, RowStopper, resolve_stop_ids, stop_token_ids
+from .stopping import Compaction, RowStopper, check_drop_rows, resolve_stop_ids, \
+    stop_token_ids
 from .streaming import StreamAdapter
 from .transfer import AdaptiveRule
 from .validation import (_check_int, check_approximate_args, check_generator,
@@ -261,7 +262,9 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
                        block_length: Optional[int] = None, cache: Optional[str] = None,
                        refresh_every: Optional[int] = None, threshold: Optional[float] = None,
                        factor: Optional[float] = None, stop_at_eos: bool = False,
-                       stop_ids: Optional[Sequence[int]] = None, adaptive_length: bool = False,
+                       stop_ids: Optional[Sequence[int]] = None,
+                       drop_rows: Optional[Callable[[], Collection[int]]] = None,
+                       adaptive_length: bool = False,
                        length_threshold: float = 0.5, eos_id: int = DREAM.eos, **settings):
     """Masked-diffusion sampling for Dream-7B, a drop-in replacement for upstream's
     ``model.diffusion_generate(inputs, generation_config=None, **kwargs)``.
@@ -336,6 +339,11 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
             Not with the hooks (they see the whole batch's logits) nor ``adaptive_length``.
         stop_ids: the ids that end an answer, with ``stop_at_eos`` only; default Dream's
             ``<|endoftext|>`` and ``<|im_end|>`` (151643, 151645).
+        drop_rows: with ``stop_at_eos`` only: called on the host after every step, returns
+            the rows (indices in the batch) nobody wants any more; they leave the batch as
+            finished rows do, keeping the canvas they had (mask ids included), and still
+            count in the batch-mean schedule as finished rows do, so the other rows' tokens
+            are not affected.
         adaptive_length: APPROXIMATE, opt-in variable length (the whole-canvas sampler only,
             no hooks): after the first step, each row's answer ends at the first position
             whose EOS probability (``softmax`` of that step's shifted logits, float32) is
@@ -372,6 +380,7 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
     _check_inputs(inputs, attention_mask, mask_id)
     check_model_not_meta(model)
     stop_ids = resolve_stop_ids(stop_at_eos, stop_ids, (DREAM.eos, DREAM.eot), mask_id)
+    check_drop_rows(drop_rows, stop_at_eos)
     token_ids = stop_token_ids(stop_ids) if stop_ids is not None else {}
     check_vocab_size(model_vocab_size(model), mask_id, token_ids, "the model's vocab_size",
                      inputs, "inputs")
@@ -422,7 +431,7 @@ def diffusion_generate(model, inputs: torch.Tensor, generation_config=None, *,
     mask_arg, model_kwargs = _model_call(model, attention_mask, cfg.max_length, device)
     stopper = None
     if stop_ids is not None:
-        stopper = RowStopper(x, prompt_len, stop_ids, mask_id)
+        stopper = RowStopper(x, prompt_len, stop_ids, mask_id, drop_rows)
         draws = stopper.follow(draws)
     if cache is None:
         runner = FullForward(model, mask_arg, None, 0.0, mask_id, shift=1,

@@ -106,8 +106,8 @@ class GenerateStats:
         row_forwards: the batch rows those forwards ran, summed over the forwards (a CFG pair
             counts once): ``nfe * B`` unless rows stopped at EOS.
         forwards_saved, row_forwards_saved: with ``stop_at_eos``, the forwards (and row
-            forwards) the same call without the option would have run on top of ``nfe``
-            (``row_forwards``); 0 without it. ``None`` when that is not known: windows that
+            forwards) the same call without the option (and without ``drop_rows``) would have
+            run on top of ``nfe`` (``row_forwards``); 0 without it. ``None`` when that is not known: windows that
             run until decoded (``threshold``/``factor``) are as long as their rows' tokens
             make them, so once a row stopped, the length the call without the option would
             have had is unknown.

@@ -28,7 +28,7 @@ stated in :mod:`genjo_fast.reference_app`), positional ``constraints``
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Collection, Iterator, Optional, Sequence
 
 import torch
 
@@ -42,7 +42,7 @@ from .draws import Draws
 from .engine import GenerateStats, StepEvent, Window, denoise, progress_bar
 from .models import LLaDAModel, from_reference, is_llada
 from .runners import FullForward
-from .stopping import RowStopper, resolve_stop_ids, stop_token_ids
+from .stopping import RowStopper, check_drop_rows, resolve_stop_ids, stop_token_ids
 from .streaming import StreamAdapter
 from .sampling import float64_confidence
 from .transfer import AdaptiveRule, AppSchedule, FixedSchedule, app_blocks, transfer_schedule
@@ -135,8 +135,9 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
              cache: Optional[str] = None, refresh_every: Optional[int] = None,
              threshold: Optional[float] = None, factor: Optional[float] = None,
              cuda_graph: bool = False, stop_at_eos: bool = False,
-             stop_ids: Optional[Sequence[int]] = None, constraints: Optional[dict] = None,
-             sampler: str = "generate", adaptive_length: bool = False,
+             stop_ids: Optional[Sequence[int]] = None,
+             drop_rows: Optional[Callable[[], Collection[int]]] = None,
+             constraints: Optional[dict] = None, sampler: str = "generate", adaptive_length: bool = False,
              length_threshold: float = 0.5, positions: Optional[torch.Tensor] = None,
              observer: Optional[Callable[[StepEvent], None]] = None, streamer=None,
              progress: bool = False, return_stats: bool = False):
@@ -209,6 +210,11 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
             ``sampler="app"`` nor ``adaptive_length``.
         stop_ids: the ids that end an answer, with ``stop_at_eos`` only; default
             ``(eos_id, eot_id)``.
+        drop_rows: with ``stop_at_eos`` only: called on the host after every step that runs
+            the model, returns the rows (indices in the batch) nobody wants any more (a
+            server's cancelled requests); they leave the batch as finished rows do and keep
+            the canvas they had (mask ids included). Rows already gone may be named again.
+            The other rows' tokens are not affected.
         constraints: ``{answer position: token id or list of ids}``: tokens fixed in the
             answer (the reference app's "``pos:word``" constraints, as ids). A list of ids
             occupies ``position, position + 1, ...`` (a word's tokens, as the app places
@@ -255,7 +261,8 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
             a streamer.
         progress: show a progress bar over the steps, skipped ones included (needs ``tqdm``).
         return_stats: also return a :class:`GenerateStats` (``nfe``, ``full_forwards``, the
-            row forwards run and, with ``stop_at_eos``, the forwards saved).
+            row forwards run and, with ``stop_at_eos``, the forwards saved, dropped rows'
+            included).
     Returns:
         int64 ``(B, Lp + gen_length)``: the prompt followed by the generated tokens (with
         ``stop_at_eos``, ``stop_ids[0]`` after each stopped row's first stop id); with
@@ -267,6 +274,7 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
     if confidence_eos_eot_inf:
         token_ids["eot_id"] = eot_id
     stop_ids = resolve_stop_ids(stop_at_eos, stop_ids, (eos_id, eot_id), mask_id)
+    check_drop_rows(drop_rows, stop_at_eos)
     if stop_ids is not None:
         token_ids.update(stop_token_ids(stop_ids))
         if cuda_graph:
@@ -308,7 +316,7 @@ def generate(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor]
     prompt_index = x != mask_id  # the prompt and the constraints: CFG's conditioning
     stopper = None
     if stop_ids is not None:
-        stopper = RowStopper(x, prompt_len, stop_ids, mask_id)
+        stopper = RowStopper(x, prompt_len, stop_ids, mask_id, drop_rows)
         draws = stopper.follow(draws)
     check_positions(positions, x.shape)
     if positions is not None:  # the model batch's: doubled with CFG

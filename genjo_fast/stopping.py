@@ -14,12 +14,16 @@ attention mask and block cache, a rule's count buffer, a sampler's canvas, injec
 keeps the same rows, in the same order, through its ``compact(compaction)``
 (:class:`Compaction`). The caller's canvas ``x`` keeps the whole batch in its original order:
 :class:`RowStopper` writes the running rows back into it after every step.
+
+The caller may also drop rows nobody wants any more (``drop_rows``: a server whose client went
+away): they leave the batch the same way after the step at which ``drop_rows()`` first names
+them, keeping the canvas they had then (mask ids and all). The other rows are not affected.
 """
 from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Callable, Collection, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 
@@ -35,6 +39,18 @@ def resolve_stop_ids(stop_at_eos: bool, stop_ids: Optional[Iterable[int]],
             raise ValueError("stop_ids is used by stop_at_eos=True only; pass both or neither")
         return None
     return check_stop_ids(defaults if stop_ids is None else stop_ids, mask_id)
+
+
+def check_drop_rows(drop_rows, stop_at_eos: bool) -> None:
+    """``drop_rows`` is ``None`` or a callable, and comes with ``stop_at_eos=True`` (the rows
+    leave the batch as finished rows do)."""
+    if drop_rows is None:
+        return
+    if not callable(drop_rows):
+        raise TypeError(f"drop_rows must be callable, got {type(drop_rows).__name__}")
+    if not stop_at_eos:
+        raise ValueError("drop_rows drops rows from the batch as stop_at_eos=True drops "
+                         "finished ones: pass stop_at_eos=True with it")
 
 
 def check_stop_ids(stop_ids: Iterable[int], mask_id: int) -> Tuple[int, ...]:
@@ -167,16 +183,21 @@ class RowStopper:
         answer_start: the first generated position.
         stop_ids: the stop ids (checked: :func:`check_stop_ids`).
         mask_id: the mask id.
-    The positions after a row's stop become ``stop_ids[0]`` (the fill).
+        drop_rows: ``None``, or called on the host after every step that ran the model:
+            returns the rows (indices in ``x``) to drop from the batch whatever their tokens
+            (rows already gone are ignored, so it may name them again).
+    The positions after a row's stop become ``stop_ids[0]`` (the fill); a dropped row that
+    has not finished keeps its canvas as it stands.
     """
 
     def __init__(self, x: torch.Tensor, answer_start: int, stop_ids: Sequence[int],
-                 mask_id: int):
+                 mask_id: int, drop_rows: Optional[Callable[[], Collection[int]]] = None):
         self.x = x
         self.answer_start = answer_start
         self.stop_ids = torch.tensor(list(stop_ids), dtype=torch.long, device=x.device)
         self.mask_id = mask_id
         self.fill_id = stop_ids[0]
+        self.drop_rows = drop_rows
         self.rows: Optional[torch.Tensor] = None  # original indices of the running rows
         self.running = x.shape[0]
         self.followers = []  # parts the front-end handed over (injected draws)
@@ -210,22 +231,27 @@ class RowStopper:
 
     def after_step(self, canvas: torch.Tensor, parts: Iterable) -> torch.Tensor:
         """After a step on ``canvas`` (int64 ``(b, L)``, the running rows): writes it back into
-        ``x``, fills the rows that finished there, drops them (the ``parts``' and followers'
-        ``compact``, where they have one). Returns the canvas of the rows that go on. One host
-        sync (whether any row finished)."""
+        ``x``, fills the rows that finished there, drops them and the rows ``drop_rows``
+        names (the ``parts``' and followers' ``compact``, where they have one). Returns the
+        canvas of the rows that go on. One host sync (whether any row leaves)."""
         if self.rows is not None:
             self.x.index_copy_(0, self.rows, canvas)
         finished, first = first_stops(canvas[:, self.answer_start:], self.stop_ids,
                                       self.mask_id)
-        if not bool(finished.any()):
+        leaving = finished
+        if self.drop_rows is not None:
+            leaving = finished | self._unwanted()
+        if not bool(leaving.any()):
             return canvas
-        drop = finished.nonzero().squeeze(1)
-        keep = (~finished).nonzero().squeeze(1)
+        drop = leaving.nonzero().squeeze(1)
+        keep = (~leaving).nonzero().squeeze(1)
         compaction = Compaction(keep, canvas.shape[0], canvas.index_select(0, keep),
                                 canvas.index_select(0, drop) == self.mask_id)
         original = drop if self.rows is None else self.rows.index_select(0, drop)
         answers = self.x[original, self.answer_start:]
-        fill_after(answers, first.index_select(0, drop), self.fill_id)
+        no_fill = torch.full_like(first, answers.shape[1])  # rows dropped unfinished
+        fill_after(answers, torch.where(finished, first, no_fill).index_select(0, drop),
+                   self.fill_id)
         self.x[original, self.answer_start:] = answers
         for part in list(parts) + self.followers:
             compact = getattr(part, "compact", None)
@@ -234,3 +260,19 @@ class RowStopper:
         self.rows = keep if self.rows is None else self.rows.index_select(0, keep)
         self.running = keep.numel()
         return compaction.canvas
+
+    def _unwanted(self) -> torch.Tensor:
+        """bool ``(b,)`` over the running rows: those ``drop_rows()`` names. Errors name
+        ``drop_rows``."""
+        batch = self.x.shape[0]
+        unwanted = torch.zeros(batch, dtype=torch.bool)
+        for row in self.drop_rows():
+            if isinstance(row, bool) or not isinstance(row, numbers.Integral):
+                raise TypeError(f"drop_rows() must return row indices (ints), got "
+                                f"{type(row).__name__} ({row!r})")
+            if not 0 <= row < batch:
+                raise ValueError(f"drop_rows() returned row {row}, outside the batch "
+                                 f"[0, {batch})")
+            unwanted[row] = True
+        unwanted = unwanted.to(self.x.device)
+        return unwanted if self.rows is None else unwanted.index_select(0, self.rows)

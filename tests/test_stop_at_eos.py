@@ -434,3 +434,106 @@ def test_refused_with_app_sampler_and_adaptive_length(llada, other):
     with pytest.raises(ValueError, match="stop_at_eos"):
         genjo_fast.generate(llada, prompt, steps=8, gen_length=8, block_length=8,
                             stop_at_eos=True, **IDS, **other)
+
+
+# ----------------------------------------------------------------------------------------------
+# drop_rows: rows nobody wants any more leave the batch; the others are not affected
+# ----------------------------------------------------------------------------------------------
+
+class DropAfter:
+    """``drop_rows`` naming ``rows`` from the ``after``-th call on (as a server names its
+    cancelled requests at every step), recording how often it was called."""
+
+    def __init__(self, rows, after):
+        self.rows, self.after, self.calls = rows, after, 0
+
+    def __call__(self):
+        self.calls += 1
+        return self.rows if self.calls >= self.after else ()
+
+
+def check_dropped(sampler, model, inputs, kw, rows, after):
+    """``sampler`` with ``stop_at_eos`` and without then with ``drop_rows``: the rows not
+    dropped are identical, the dropped ones hold the canvas of the step that dropped them
+    (masks left), and fewer row forwards ran."""
+    seen = []
+    full, full_stats = sampler(model, inputs, stop_at_eos=True, return_stats=True,
+                               observer=lambda e: seen.append(e.x.clone()), **kw)
+    drop = DropAfter(rows, after)
+    got, stats = sampler(model, inputs, stop_at_eos=True, return_stats=True, drop_rows=drop,
+                         **kw)
+    kept = [r for r in range(inputs.shape[0]) if r not in rows]
+    assert torch.equal(got[kept], full[kept])
+    assert torch.equal(got[list(rows)], seen[after - 1][list(rows)])
+    assert bool((got[list(rows)] == kw["mask_id" if "mask_id" in kw else "mask_token_id"])
+                .any())  # dropped mid-answer
+    assert stats.row_forwards < full_stats.row_forwards
+    if stats.forwards_saved is not None:  # what the call without either option runs
+        assert stats.row_forwards + stats.row_forwards_saved == \
+            full_stats.row_forwards + full_stats.row_forwards_saved
+    assert drop.calls == stats.nfe  # called once after every step that ran the model
+    return stats
+
+
+@pytest.mark.parametrize("options", [
+    dict(), dict(cfg_scale=1.5), dict(cache="dual"), dict(threshold=0.7, cache="prefix"),
+    dict(temperature=0.9, remasking="random"),
+], ids=str)
+def test_llada_drop_rows(llada, options):
+    batch = 5
+    prompt, attention_mask = random_prompts(batch, PROMPT, VOCAB, pad_id=PAD_ID,
+                                            avoid=(MASK_ID, PAD_ID, EOS, EOT), seed=5)
+    kw = dict(attention_mask=attention_mask, steps=24, gen_length=24, block_length=8, **IDS,
+              **options)
+    if "temperature" in options:
+        kw["draws"] = llada_draws(options["temperature"], options["remasking"], 24, batch,
+                                  PROMPT + 24)
+    check_dropped(genjo_fast.generate, llada, prompt, kw, rows=(1, 3), after=3)
+
+
+def test_llada_drop_every_row_ends_the_call(llada):
+    prompt, _ = random_prompts(3, PROMPT, VOCAB, pad_id=PAD_ID, avoid=(MASK_ID, PAD_ID, EOS, EOT),
+                               seed=1, padded=False)
+    stats = check_dropped(genjo_fast.generate, llada, prompt,
+                          dict(steps=24, gen_length=24, block_length=8, **IDS),
+                          rows=(0, 1, 2), after=2)
+    assert stats.nfe == 2 and stats.forwards_saved == 22
+
+
+@pytest.mark.parametrize("options", [dict(alg="entropy"), dict(alg="maskgit_plus", alg_temp=0.5),
+                                     dict(alg="origin", block_length=8, cache="dual")], ids=str)
+def test_dream_drop_rows(dream, options):
+    """A dropped row keeps counting in maskgit_plus' batch-mean schedule, as a finished row
+    does: the other rows unmask what they would."""
+    inputs, attention_mask = random_prompts(4, PROMPT, DREAM_VOCAB, pad_id=DREAM_PAD,
+                                            avoid=(DREAM_MASK, DREAM_PAD, EOS, EOT), seed=3)
+    g = torch.Generator().manual_seed(0)
+    size = (NEW, 4, PROMPT + NEW)
+    draws = TensorDraws(remask=torch.rand(*size, generator=g),
+                        token=torch.rand(*size, generator=g, dtype=torch.float64),
+                        position=torch.rand(*size, generator=g, dtype=torch.float64))
+    kw = dict(attention_mask=attention_mask, draws=draws, max_new_tokens=NEW, steps=NEW,
+              mask_token_id=DREAM_MASK, stop_ids=(EOS, EOT), **options)
+    check_dropped(genjo_fast.diffusion_generate, dream, inputs, kw, rows=(2,), after=2)
+
+
+def test_first_stops():
+    answer = torch.tensor([[5, EOS, MASK_ID], [MASK_ID, EOS, 5], [5, 6, 8], [5, 5, EOT]])
+    finished, first = first_stops(answer, torch.tensor([EOS, EOT]), MASK_ID)
+    assert finished.tolist() == [True, False, False, True] and first.tolist() == [1, 1, 3, 2]
+
+
+def test_bad_drop_rows_name_the_argument(llada, dream):
+    prompt = torch.zeros(2, 4, dtype=torch.long)
+    args = dict(steps=8, gen_length=8, block_length=8, **IDS)
+    with pytest.raises(ValueError, match="drop_rows.*stop_at_eos=True"):
+        genjo_fast.generate(llada, prompt, drop_rows=lambda: (), **args)
+    with pytest.raises(TypeError, match="drop_rows must be callable"):
+        genjo_fast.generate(llada, prompt, stop_at_eos=True, drop_rows=[0], **args)
+    with pytest.raises(ValueError, match=r"drop_rows\(\) returned row 2, outside the batch"):
+        genjo_fast.generate(llada, prompt, stop_at_eos=True, drop_rows=lambda: [2], **args)
+    with pytest.raises(TypeError, match=r"drop_rows\(\) must return row indices"):
+        genjo_fast.generate(llada, prompt, stop_at_eos=True, drop_rows=lambda: ["0"], **args)
+    with pytest.raises(ValueError, match="drop_rows.*stop_at_eos=True"):
+        genjo_fast.diffusion_generate(dream, prompt, max_new_tokens=4, steps=4,
+                                      mask_token_id=DREAM_MASK, drop_rows=lambda: ())
