@@ -12,9 +12,18 @@ computes alone.
   A job whose options cannot share a call (a ``seed``: one generator per call; a Dream model)
   runs alone.
 * Rows end early: after every step, a row whose answer is settled (a stop id with nothing masked
-  before it: its text cannot change any more) gets its result at once, and a call whose rows are
-  all settled or cancelled stops there. A cancelled job (its client went away) is dropped from
-  the queue, or, when running, gets nothing more.
+  before it: its text cannot change any more) gets its result at once and leaves the call's
+  computation (the sampler runs with ``stop_at_eos=True`` and the model's stop ids). A
+  cancelled job (its client went away) is dropped from the queue, or, when running, gets
+  nothing more and leaves the computation after the step under way (the sampler's
+  ``drop_rows``); the other rows' tokens are not affected. A call whose rows have all left
+  runs no more forwards.
+* Tensor parallelism (:mod:`genjo_fast.parallel`): with a
+  :class:`~genjo_fast.parallel.Coordinator`, the worker runs each call on every rank
+  (:func:`sample` through :meth:`~genjo_fast.parallel.Coordinator.run`); rank 0 decides which
+  rows leave and every rank drops the same ones (one broadcast per step), and while idle the
+  worker pings the other ranks so that their collectives do not time out. The other ranks
+  run :func:`follow`.
 
 **Exactness** (tested in ``tests/test_serve.py``, float32 on the CPU): at temperature 0
 (``low_confidence`` remasking) a row's tokens are those of
@@ -33,11 +42,6 @@ call with. Three things make it so:
 
 On a GPU the matrix-product kernels may depend on the number of rows (split reductions chosen
 by shape): there the guarantee is not claimed (not measured yet).
-
-Settled rows leave the call's computation: the sampler runs with ``stop_at_eos=True`` and the
-model's stop ids (later forwards run only the rows still generating). A cancelled row stays in
-the computation until its call ends (``generate`` has no way yet to drop a row from outside),
-unless every row of the call is settled or cancelled: the call then stops at once.
 """
 from __future__ import annotations
 
@@ -54,6 +58,8 @@ import torch
 from .chat import ChatModel, Settings
 from .dream import diffusion_generate
 from .generate import generate
+from .parallel import Coordinator, decided_by_leader
+from .stopping import first_stops
 from .streaming import DiffusionIteratorStreamer, StreamAdapter
 
 logger = logging.getLogger(__name__)
@@ -124,14 +130,13 @@ def make_batch_invariant(model) -> None:
             block.attention_dispatch = RowAttention(block.attention_dispatch)
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, gen_length: int,
-             device: torch.device):
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, gen_length: int):
     """A batch of prompts of any lengths as ``generate`` takes it, each row computing what it
     computes alone.
 
     Returns:
-        ``(prompt, attention_mask, positions)``: int64 ``(B, Lp)`` left-padded with ``pad_id``;
-        and, when the lengths differ, the 0/1 ``(B, Lp)`` mask and the int64
+        ``(prompt, attention_mask, positions)`` on the CPU: int64 ``(B, Lp)`` left-padded with
+        ``pad_id``; and, when the lengths differ, the 0/1 ``(B, Lp)`` mask and the int64
         ``(B, Lp + gen_length)`` positions (each row's first real token at 0), else
         ``None, None`` (no padding: the plain call).
     """
@@ -142,29 +147,47 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, gen_length: int,
         prompt[row, width - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
         mask[row, width - len(ids):] = 1
     if all(len(p) == width for p in prompts):
-        return prompt.to(device), None, None
+        return prompt, None, None
     canvas = torch.cat([mask, mask.new_ones((len(prompts), gen_length))], dim=1)
     positions = (canvas.cumsum(-1) - 1).clamp(min=0)
-    return prompt.to(device), mask.to(device), positions.to(device)
+    return prompt, mask, positions
 
 
-def settled(answer: torch.Tensor, stop_ids: torch.Tensor,
-            mask_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Which answers can no longer change their text, and where they stop.
+def sample(model, family: str, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor],
+           positions: Optional[torch.Tensor], keywords: Dict[str, object],
+           seed: Optional[int] = None, *, observer: Optional[Callable] = None,
+           drop_rows: Optional[Callable[[], Sequence[int]]] = None):
+    """One call of the family's sampler on a batch of rows (:func:`left_pad`'s tensors, on
+    any device): what the batcher runs, in this process or on every rank of a
+    tensor-parallel model (:meth:`~genjo_fast.parallel.Coordinator.run`: the arguments but
+    ``observer`` and ``drop_rows`` are sent to every rank; the other ranks take rank 0's
+    ``drop_rows()`` through :func:`~genjo_fast.parallel.decided_by_leader`).
 
     Args:
-        answer: int64 ``(B, A)``, the generated positions as they stand.
-        stop_ids: int64 ``(S,)``, the ids that end an answer.
+        family: ``"llada"`` (:func:`~genjo_fast.generate`) or ``"dream"``
+            (:func:`~genjo_fast.diffusion_generate`).
+        keywords: the sampler's keywords (:meth:`Settings.keywords`) without ``generator``.
+        seed: the seed of the call's generator (built here, on the model's device).
+        observer, drop_rows: the sampler's (rank 0's).
     Returns:
-        ``done`` bool ``(B,)``: the row holds a stop id with no mask id before it (LLaDA and
-        Dream never change a decoded token); ``stop`` int64 ``(B,)``: its first stop id's
-        position (``A`` when none).
+        ``(ids, stats)``: int64 ``(B, Lp + gen_length)`` on the model's device and the
+        call's :class:`~genjo_fast.engine.GenerateStats`.
     """
-    length = answer.shape[1]
-    positions = torch.arange(length, device=answer.device)
-    stop = torch.where(torch.isin(answer, stop_ids), positions, length).amin(1)
-    first_mask = torch.where(answer == mask_id, positions, length).amin(1)
-    return (stop < length) & (first_mask > stop), stop
+    device = next(model.parameters()).device
+    if seed is not None:
+        keywords = dict(keywords, generator=torch.Generator(device).manual_seed(int(seed)))
+    if getattr(model, "tensor_parallel", None) is not None:
+        drop_rows = decided_by_leader(model, drop_rows)
+    prompt, attention_mask = prompt.to(device), _to(attention_mask, device)
+    if family == "llada":
+        return generate(model, prompt, attention_mask, positions=_to(positions, device),
+                        observer=observer, drop_rows=drop_rows, return_stats=True, **keywords)
+    return diffusion_generate(model, prompt, attention_mask=attention_mask, observer=observer,
+                              drop_rows=drop_rows, return_stats=True, **keywords)
+
+
+def _to(tensor: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
+    return None if tensor is None else tensor.to(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,13 +282,16 @@ class BatcherStats:
     Attributes:
         submitted, completed, failed: jobs received, answered, failed with an error.
         cancelled_queued: jobs cancelled before they ran (never computed).
-        cancelled_running: jobs cancelled while their call ran (their row freed: no more
-            updates, and the call stops when no row needs it any more).
+        cancelled_running: jobs cancelled while their call ran (their row left the call's
+            computation after the step under way).
         queued: jobs waiting; running: rows of the running call still wanted.
-        batches: sampler calls; rows: their rows summed; largest_batch: the most rows in one.
-        stopped_early: calls the batcher ended as soon as every row was settled or cancelled
-            (the last step included: it cannot tell which step is the last).
-        steps: model steps run, summed over the calls.
+        batches: sampler calls started; calls_ended: those that returned (or failed);
+            rows: their rows summed; largest_batch: the most rows in one.
+        steps: model steps run, summed over the calls; row_forwards: the rows those steps
+            ran (rows that left a call early are not run again); row_forwards_saved: the row
+            forwards the same calls would have run without rows leaving early (summed over
+            the calls where that is known: not with ``threshold``/``factor``).
+        pings: idle messages to the other ranks of a tensor-parallel model.
     """
     submitted: int = 0
     completed: int = 0
@@ -275,14 +301,13 @@ class BatcherStats:
     queued: int = 0
     running: int = 0
     batches: int = 0
+    calls_ended: int = 0
     rows: int = 0
     largest_batch: int = 0
-    stopped_early: int = 0
     steps: int = 0
-
-
-class _StopCall(Exception):
-    """Raised by the observer to end a call no row needs any more."""
+    row_forwards: int = 0
+    row_forwards_saved: int = 0
+    pings: int = 0
 
 
 class Batcher:
@@ -295,20 +320,33 @@ class Batcher:
         batch_wait: seconds the oldest job waits for compatible ones before its call starts
             (0: start at once with what is queued).
         max_queue: the most jobs waiting; :meth:`submit` raises :class:`QueueFull` beyond.
+        coordinator: with a tensor-parallel model (rank 0's
+            :class:`~genjo_fast.parallel.Coordinator`), every call runs on every rank; the
+            worker thread is then the only one to use the process group, it pings the other
+            ranks every ``ping_every`` seconds while idle, and :meth:`close` releases them.
+        ping_every: seconds between two idle pings (well below the process group's timeout).
     """
 
     def __init__(self, chat: ChatModel, *, max_batch_size: int = 16, batch_wait: float = 0.01,
-                 max_queue: int = 1024):
+                 max_queue: int = 1024, coordinator: Optional[Coordinator] = None,
+                 ping_every: float = 60.0):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if batch_wait < 0:
             raise ValueError(f"batch_wait must be >= 0 seconds, got {batch_wait}")
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        if not ping_every > 0:
+            raise ValueError(f"ping_every must be > 0 seconds, got {ping_every}")
+        if coordinator is not None and not coordinator.is_leader:
+            raise ValueError("the batcher runs on rank 0; the other ranks call "
+                             "genjo_fast.batching.follow(chat, coordinator)")
         self.chat = chat
         self.max_batch_size = max_batch_size
         self.batch_wait = batch_wait
         self.max_queue = max_queue
+        self.coordinator = coordinator
+        self._idle_wait = ping_every if coordinator is not None else None
         if chat.family == "llada":
             make_batch_invariant(chat.model)
         self._stop_ids = torch.tensor(chat.stop_ids, dtype=torch.long)
@@ -340,7 +378,7 @@ class Batcher:
 
     def cancel(self, job: Job) -> None:
         """The job's client went away: a queued job is dropped, a running one gets no more
-        events and no longer keeps its call going. Nothing happens to a finished job."""
+        events and leaves its call's computation. Nothing happens to a finished job."""
         with self._cond:
             if job.done or job.cancelled:
                 return
@@ -361,7 +399,8 @@ class Batcher:
             return stats
 
     def close(self, timeout: Optional[float] = None) -> None:
-        """Stops the worker after its running call; queued jobs get a ``RuntimeError``."""
+        """Stops the worker after its running call (with a coordinator, the worker then
+        releases the other ranks); queued jobs get a ``RuntimeError``."""
         with self._cond:
             self._closed = True
             pending, self._pending = list(self._pending), deque()
@@ -373,19 +412,29 @@ class Batcher:
     # -- the worker ----------------------------------------------------------------------------
 
     def _work(self) -> None:
-        while True:
-            jobs = self._next_batch()
-            if jobs is None:
-                return
-            self._run(jobs)
+        try:
+            while True:
+                jobs = self._next_batch()
+                if jobs is None:
+                    return
+                if jobs:
+                    self._run(jobs)
+                else:  # idle for ping_every seconds
+                    self.coordinator.ping()
+                    with self._cond:
+                        self._stats.pings += 1
+        finally:
+            if self.coordinator is not None:
+                self.coordinator.close()
 
     def _next_batch(self) -> Optional[List[Job]]:
-        """The next call's jobs (oldest first), after the wait for compatible ones; ``None``
-        once closed."""
+        """The next call's jobs (oldest first), after the wait for compatible ones; ``[]``
+        after ``ping_every`` idle seconds (with a coordinator); ``None`` once closed."""
         with self._cond:
             while True:
                 while not self._pending and not self._closed:
-                    self._cond.wait()
+                    if not self._cond.wait(self._idle_wait):
+                        return []
                 if self._closed:
                     return None
                 first = self._pending[0]
@@ -420,34 +469,46 @@ class Batcher:
         """One sampler call for ``jobs`` (compatible), their events delivered as it goes."""
         chat = self.chat
         call = _Call(self, jobs)
-        stopped = False
+        stats = None
         try:
             keywords = jobs[0].settings.keywords(chat)
-            prompt, mask, positions = left_pad([j.ids for j in jobs], chat.eos_id,
-                                               jobs[0].settings.gen_length, chat.device)
-            call.begin(prompt)
-            # settled rows leave the batch (the stop ids: those settled() reads)
+            keywords.pop("generator")  # sample() builds it from the seed, on each rank
+            # settled rows leave the call (the stop ids: those the observer reads)
             keywords.update(stop_at_eos=True, stop_ids=list(chat.stop_ids))
-            if chat.family == "llada":
-                out = generate(chat.model, prompt, mask, positions=positions,
-                               observer=call.observe, **keywords)
+            prompt, mask, positions = left_pad([j.ids for j in jobs], chat.eos_id,
+                                               jobs[0].settings.gen_length)
+            call.begin(prompt)
+            args = (chat.family, prompt, mask, positions, keywords, jobs[0].settings.seed)
+            leader = dict(observer=call.observe, drop_rows=call.unwanted)
+            if self.coordinator is None:
+                out, stats = sample(chat.model, *args, **leader)
             else:
-                out = diffusion_generate(chat.model, prompt, observer=call.observe, **keywords)
+                out, stats = self.coordinator.run(sample, *args, leader_only=leader)
             call.finish(out[:, prompt.shape[1]:])
-        except _StopCall:
-            stopped = True
         except Exception as error:  # a bad option the sampler refused, or a failure
             call.fail(error)
         finally:
             with self._cond:
-                self._stats.stopped_early += stopped
+                self._stats.calls_ended += 1
                 self._stats.steps += call.steps
+                if stats is not None:
+                    self._stats.row_forwards += stats.row_forwards
+                    self._stats.row_forwards_saved += stats.row_forwards_saved or 0
                 self._running = []
+
+
+def follow(chat: ChatModel, coordinator: Coordinator) -> int:
+    """What the ranks other than 0 of a tensor-parallel server run: the batch-invariant
+    attention rank 0's :class:`Batcher` sets up, then the leader's calls until its batcher
+    closes (:meth:`~genjo_fast.parallel.Coordinator.follow`). Returns the calls run."""
+    if chat.family == "llada":
+        make_batch_invariant(chat.model)
+    return coordinator.follow()
 
 
 class _Call:
     """The events of one sampler call's jobs: per-step stream updates, settled rows answered
-    early, the call stopped once no row needs it."""
+    early, the rows nobody wants any more (``drop_rows``)."""
 
     def __init__(self, batcher: Batcher, jobs: List[Job]):
         self.batcher = batcher
@@ -465,11 +526,15 @@ class _Call:
         for row, (adapter, _) in self.streams.items():
             adapter.begin(prompt[row:row + 1])
 
+    def unwanted(self) -> List[int]:
+        """The sampler's ``drop_rows``: the rows whose jobs were cancelled."""
+        return [row for row, job in enumerate(self.jobs) if job.cancelled]
+
     def observe(self, event) -> None:
         """The engine observer: after every step."""
         self.steps += 1
         answer = event.x[:, event.x.shape[1] - self.jobs[0].settings.gen_length:].cpu()
-        done, stop = settled(answer, self.batcher._stop_ids, self.batcher.chat.mask_id)
+        done, stop = first_stops(answer, self.batcher._stop_ids, self.batcher.chat.mask_id)
         for row, job in enumerate(self.jobs):
             if job.done or job.cancelled:
                 continue
@@ -479,14 +544,11 @@ class _Call:
                 adapter, streamer = self.streams[row]
                 adapter.step(answer[row:row + 1])
                 self._send(job, next(streamer))
-        with self.batcher._cond:
-            if all(job.done or job.cancelled for job in self.jobs):
-                raise _StopCall()
 
     def finish(self, answer: torch.Tensor) -> None:
         """After the call: every row still wanted gets its result."""
         answer = answer.cpu()
-        _, stop = settled(answer, self.batcher._stop_ids, self.batcher.chat.mask_id)
+        _, stop = first_stops(answer, self.batcher._stop_ids, self.batcher.chat.mask_id)
         for row, job in enumerate(self.jobs):
             if not (job.done or job.cancelled):
                 self._answer(row, job, answer[row], int(stop[row]))
@@ -525,4 +587,4 @@ class _Call:
 
 
 __all__ = ["Batcher", "BatcherStats", "Job", "RowResult", "RowAttention", "QueueFull",
-           "batch_key", "MIN_ROWS", "left_pad", "make_batch_invariant", "settled"]
+           "batch_key", "MIN_ROWS", "left_pad", "make_batch_invariant", "sample", "follow"]

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shutil
+import signal
 import sys
 from typing import Optional, Sequence, TextIO
 
@@ -109,17 +111,20 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(**values)
 
 
-def load_model_or_exit(args: argparse.Namespace, program: str) -> ChatModel:
-    """The model of ``--model`` (and ``--device``, ``--dtype``); a bad one exits with status 2
-    and the reason on stderr."""
+def load_model_or_exit(args: argparse.Namespace, program: str, *,
+                       device: Optional[str] = None,
+                       dtype: Optional[torch.dtype] = None) -> ChatModel:
+    """The model of ``--model`` (and ``--device``, ``--dtype``, unless ``device``/``dtype``
+    are given); a bad one exits with status 2 and the reason on stderr."""
     if args.threads is not None:
         if args.threads < 1:
             print(f"{program}: --threads must be >= 1, got {args.threads}", file=sys.stderr)
             raise SystemExit(2)
         torch.set_num_threads(args.threads)
     try:
-        return load_chat_model(args.model, device=args.device,
-                               dtype=DTYPES.get(args.dtype) if args.dtype else None)
+        if dtype is None and args.dtype:
+            dtype = DTYPES[args.dtype]
+        return load_chat_model(args.model, device=device or args.device, dtype=dtype)
     except ChatError as error:
         print(f"{program}: {error}", file=sys.stderr)
         raise SystemExit(2)
@@ -291,13 +296,64 @@ def serve_main(args: argparse.Namespace) -> int:
         if not value >= minimum:
             print(f"{program}: {flag} must be >= {minimum}, got {value}", file=sys.stderr)
             return 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun on several ranks
+        return serve_parallel(args, program, server)
     chat = load_model_or_exit(args, program)
-    print(f"{program}: {describe(chat)} as {args.served_model_name or chat.name!r} on "
+    return serve_chat(args, program, server, chat, describe(chat))
+
+
+def serve_chat(args: argparse.Namespace, program: str, server, chat: ChatModel,
+               description: str, coordinator=None) -> int:
+    """Serves ``chat`` in the foreground (rank 0 of a tensor-parallel model with
+    ``coordinator``)."""
+    print(f"{program}: {description} as {args.served_model_name or chat.name!r} on "
           f"http://{args.host}:{args.port}/v1 (batches of up to {args.max_batch_size}, "
           f"waiting {args.batch_wait_ms:g} ms)", file=sys.stderr, flush=True)
     return server.serve(chat, host=args.host, port=args.port, name=args.served_model_name,
                         max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-                        max_queue=args.max_queue, log_level=args.log_level)
+                        max_queue=args.max_queue, log_level=args.log_level,
+                        coordinator=coordinator)
+
+
+def serve_parallel(args: argparse.Namespace, program: str, server) -> int:
+    """``torchrun --nproc_per_node N -m genjo_fast.cli serve ...``: every rank loads the model
+    on the CPU and keeps its shards (:func:`genjo_fast.parallel.parallelize`, on
+    ``cuda:LOCAL_RANK`` or the CPU; the LM head split over the vocabulary when it divides);
+    rank 0 serves, the other ranks follow its calls until it stops."""
+    import torch.distributed as dist
+
+    from . import batching, parallel
+
+    if args.device is not None:
+        print(f"{program}: --device is set by torchrun (cuda:LOCAL_RANK, else cpu); leave it "
+              "out", file=sys.stderr)
+        return 2
+    device = parallel.init_distributed()
+    try:
+        dtype = DTYPES[args.dtype] if args.dtype else (
+            torch.bfloat16 if device.type == "cuda" else torch.float32)
+        chat = load_model_or_exit(args, program, device="cpu", dtype=dtype)
+        world = dist.get_world_size()
+        description = f"{describe(chat)}, split over {world} ranks ({device.type})"
+        try:
+            try:
+                parallel.check_world_size(chat.model, world)
+                split_head = True
+            except ValueError:  # e.g. the vocabulary: keep the LM head whole
+                split_head = False
+            parallel.parallelize(chat.model, device=device, shard_lm_head=split_head)
+        except (ValueError, TypeError) as error:  # every rank fails alike
+            print(f"{program}: --model {chat.name}: {error}", file=sys.stderr)
+            return 2
+        coordinator = parallel.Coordinator(chat.model)
+        if not coordinator.is_leader:
+            # Ctrl-C reaches every rank: the followers wait for rank 0 to release them
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            batching.follow(chat, coordinator)
+            return 0
+        return serve_chat(args, program, server, chat, description, coordinator)
+    finally:
+        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -314,6 +314,10 @@ def init_distributed(backend: Optional[str] = None) -> torch.device:
     return device
 
 
+#: What :meth:`Coordinator.ping` sends: a message that runs nothing.
+_PING = "ping"
+
+
 class Coordinator:
     """Runs a front-end on every rank of a parallel model: rank 0 leads (a server's
     request loop calls :meth:`run`), the other ranks :meth:`follow`.
@@ -332,6 +336,11 @@ class Coordinator:
             else:
                 coordinator.follow()
 
+    The followers wait in a collective between calls: a leader idle for longer than the
+    process group's timeout (``init_process_group(timeout=...)``: 10 minutes with NCCL by
+    default) should :meth:`ping` them in the meantime. Only one thread of the leader may use
+    the coordinator (and the process group) at a time.
+
     Args:
         model: a parallelised model (:func:`parallelize`); the calls go to the ranks of its
             group.
@@ -345,20 +354,29 @@ class Coordinator:
         self.group = info.group
         self.is_leader = dist.get_rank(self.group) == 0
         self._src = dist.get_global_rank(self.group, 0)
-        self._device = model.device if model.device.type == "cuda" else None
+        self._device = _collective_device(model)
 
     def _broadcast(self, message=None):
         box = [message]
         dist.broadcast_object_list(box, src=self._src, group=self.group, device=self._device)
         return box[0]
 
-    def run(self, fn: Callable, *args, **kwargs):
+    def run(self, fn: Callable, *args, leader_only: Optional[Dict[str, Any]] = None, **kwargs):
         """Leader only: ``fn(model, *args, **kwargs)`` on every rank; returns the leader's
-        result."""
+        result. ``leader_only``: keyword arguments passed to the leader's call only, not sent
+        (callbacks, e.g. an observer; ``fn`` must then make every rank do the same, see
+        :func:`decided_by_leader`)."""
         if not self.is_leader:
             raise RuntimeError("Coordinator.run is for rank 0; the other ranks call follow()")
         self._broadcast((fn, args, kwargs))
-        return fn(self.model, *args, **kwargs)
+        return fn(self.model, *args, **kwargs, **(leader_only or {}))
+
+    def ping(self) -> None:
+        """Leader only: a message that runs nothing, so that the followers' wait does not
+        time out."""
+        if not self.is_leader:
+            raise RuntimeError("Coordinator.ping is for rank 0")
+        self._broadcast(_PING)
 
     def follow(self) -> int:
         """Followers: run the leader's calls until it closes; returns how many ran."""
@@ -369,6 +387,8 @@ class Coordinator:
             message = self._broadcast()
             if message is None:
                 return calls
+            if message == _PING:
+                continue
             fn, args, kwargs = message
             calls += 1
             try:
@@ -388,6 +408,34 @@ class Coordinator:
         self.close()
 
 
+def _collective_device(model: ParallelModel) -> Optional[torch.device]:
+    """The device object collectives go through: the model's CUDA device (NCCL), else
+    ``None`` (the CPU)."""
+    device = model.device
+    return device if device.type == "cuda" else None
+
+
+def decided_by_leader(model: ParallelModel,
+                      decide: Optional[Callable[[], Any]]) -> Callable[[], Any]:
+    """A host-side decision that rank 0 makes and every rank follows, e.g. which rows leave a
+    running call (a sampler's ``drop_rows``): the returned callable, called at the same point
+    of the same call on every rank of ``model``'s group (it is a collective), runs ``decide``
+    on rank 0 and returns its (picklable) result on every rank. ``decide`` is only read on
+    rank 0 (pass ``None`` elsewhere)."""
+    info = model.tensor_parallel
+    src, device = dist.get_global_rank(info.group, 0), _collective_device(model)
+    if info.rank == 0 and not callable(decide):
+        raise TypeError(f"decide must be callable on rank 0, got {type(decide).__name__}")
+
+    def decided():
+        box = [decide() if info.rank == 0 else None]
+        dist.broadcast_object_list(box, src=src, group=info.group, device=device)
+        return box[0]
+
+    return decided
+
+
 __all__ = ["parallelize", "load_parallel", "init_distributed", "shard_plan",
            "check_world_size", "sync_rng", "same_on_all_ranks", "Coordinator",
+           "decided_by_leader",
            "TensorParallel"]

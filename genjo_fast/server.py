@@ -35,7 +35,12 @@ rest of the text and ``finish_reason`` (``"stop"``: the model ended the answer, 
 stream began is sent as ``data: {"error": {...}}`` before ``[DONE]``.
 
 A client that disconnects frees its row: a queued request is dropped, a running one gets
-nothing more and no longer keeps its call going.
+nothing more and leaves its batch's computation after the step under way.
+
+Under ``torchrun --nproc_per_node N`` (``genjo-fast serve`` does it when launched so) the model
+is split over the N ranks (:mod:`genjo_fast.parallel`): rank 0 serves HTTP and runs each
+batch on every rank through a :class:`~genjo_fast.parallel.Coordinator`; the other ranks
+follow (:func:`genjo_fast.batching.follow`).
 """
 from __future__ import annotations
 
@@ -532,18 +537,21 @@ class BackgroundServer:
         chat: the model (:func:`genjo_fast.chat.load_chat_model`).
         host, port: where to listen; port 0 (the default) takes a free port (:attr:`port`).
         name: the model's id in the API (default ``chat.name``).
-        max_batch_size, batch_wait_ms, max_queue: the :class:`~genjo_fast.batching.Batcher`'s.
+        max_batch_size, batch_wait_ms, max_queue, coordinator: the
+            :class:`~genjo_fast.batching.Batcher`'s (``coordinator``: rank 0's, with a
+            tensor-parallel model; stopping the server then releases the other ranks).
         log_level: uvicorn's.
     """
 
     def __init__(self, chat: ChatModel, *, host: str = "127.0.0.1", port: int = 0,
                  name: Optional[str] = None, max_batch_size: int = 16,
                  batch_wait_ms: float = 10.0, max_queue: int = 1024,
-                 log_level: str = "warning"):
+                 log_level: str = "warning", coordinator=None):
         import uvicorn
 
         self.batcher = Batcher(chat, max_batch_size=max_batch_size,
-                               batch_wait=batch_wait_ms / 1000, max_queue=max_queue)
+                               batch_wait=batch_wait_ms / 1000, max_queue=max_queue,
+                               coordinator=coordinator)
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._socket.bind((host, port))
@@ -593,11 +601,12 @@ class BackgroundServer:
 
 def serve(chat: ChatModel, *, host: str = "127.0.0.1", port: int = 8000,
           name: Optional[str] = None, max_batch_size: int = 16, batch_wait_ms: float = 10.0,
-          max_queue: int = 1024, log_level: str = "info") -> int:
-    """Runs the server in the foreground until interrupted; returns the exit status."""
+          max_queue: int = 1024, log_level: str = "info", coordinator=None) -> int:
+    """Runs the server in the foreground until interrupted; returns the exit status. The
+    arguments: :class:`BackgroundServer`'s."""
     BackgroundServer(chat, host=host, port=port, name=name, max_batch_size=max_batch_size,
                      batch_wait_ms=batch_wait_ms, max_queue=max_queue,
-                     log_level=log_level).run()
+                     log_level=log_level, coordinator=coordinator).run()
     return 0
 
 

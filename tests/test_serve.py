@@ -34,7 +34,7 @@ openai = pytest.importorskip("openai", reason="the server tests use the openai c
 httpx = pytest.importorskip("httpx")
 
 from genjo_fast.batching import (MIN_ROWS, Batcher, Job, RowAttention, RowResult,  # noqa: E402
-                                 batch_key, left_pad, make_batch_invariant, settled)
+                                 batch_key, left_pad, make_batch_invariant)
 from genjo_fast.server import BackgroundServer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,7 +167,7 @@ def test_padded_rows_compute_bitwise_what_they_compute_alone():
                and not isinstance(b.attention_dispatch.inner, RowAttention) for b in model.blocks)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 100, (n,), generator=g).tolist() for n in (4, 9, 17, 33, 40, 64)]
-    x, mask, positions = left_pad(prompts, EOS_ID, 0, torch.device("cpu"))
+    x, mask, positions = left_pad(prompts, EOS_ID, 0)
     batched = model(x, mask, positions=positions).logits
     for row, ids in enumerate(prompts):
         solo = model(torch.tensor([ids])).logits[0]
@@ -193,13 +193,12 @@ def test_row_attention_skips_padding_and_matches_the_call_alone():
 
 
 def test_left_pad_gives_each_row_its_own_positions():
-    prompt, mask, positions = left_pad([[5, 6], [7, 8, 9, 10], [11]], EOS_ID, 3,
-                                       torch.device("cpu"))
+    prompt, mask, positions = left_pad([[5, 6], [7, 8, 9, 10], [11]], EOS_ID, 3)
     assert prompt.tolist() == [[EOS_ID, EOS_ID, 5, 6], [7, 8, 9, 10], [EOS_ID] * 3 + [11]]
     assert mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1]]
     assert positions.tolist() == [[0, 0, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6],
                                   [0, 0, 0, 0, 1, 2, 3]]
-    prompt, mask, positions = left_pad([[5, 6], [7, 8]], EOS_ID, 3, torch.device("cpu"))
+    prompt, mask, positions = left_pad([[5, 6], [7, 8]], EOS_ID, 3)
     assert prompt.tolist() == [[5, 6], [7, 8]] and mask is None and positions is None
 
 
@@ -218,7 +217,7 @@ def test_generate_with_positions_gives_padded_rows_their_tokens_alone(options):
     prompts = [tokenizer(t)["input_ids"] for t in prompts_of_many_lengths(12)]
     keywords = dict(dict(gen_length=32, steps=32, block_length=8), **options)
     keywords.update(mask_id=MASK_ID, eos_id=EOS_ID, eot_id=EOT_ID)
-    x, mask, positions = left_pad(prompts, EOS_ID, keywords["gen_length"], torch.device("cpu"))
+    x, mask, positions = left_pad(prompts, EOS_ID, keywords["gen_length"])
     out = genjo_fast.generate(model, x, mask, positions=positions, **keywords)
     for row, ids in enumerate(prompts):
         solo = genjo_fast.generate(model, torch.tensor([ids]), **keywords)
@@ -245,12 +244,6 @@ def test_generate_positions_are_checked():
     kw = dict(gen_length=8, steps=8, block_length=4, mask_id=MASK_ID)
     assert torch.equal(genjo_fast.generate(model, prompt, **kw),
                        genjo_fast.generate(model, prompt, positions=torch.arange(11)[None], **kw))
-
-
-def test_settled_rows():
-    answer = torch.tensor([[5, EOS_ID, MASK_ID], [MASK_ID, EOS_ID, 5], [5, 6, 7], [5, 5, EOT_ID]])
-    done, stop = settled(answer, torch.tensor([EOS_ID, EOT_ID]), MASK_ID)
-    assert done.tolist() == [True, False, False, True] and stop.tolist() == [1, 1, 3, 2]
 
 
 def test_batch_keys(reference):
@@ -302,6 +295,116 @@ def test_batcher_delivers_each_job_its_own_answer(reference, checkpoint):
     assert stats.batches < len(prompts) and stats.queued == stats.running == 0
     with pytest.raises(RuntimeError, match="closed"):
         batcher.submit(Job([5], Settings(), print))
+
+
+def run_batch(chat, prompts, settings, cancel=(), idle=0.0, **options):
+    """The prompts through one batcher call (submitted before its wait ends, after ``idle``
+    seconds); the jobs in ``cancel`` are cancelled from their first stream update (in the
+    worker: at a known step). ``options``: the Batcher's. Returns ``(results by index,
+    batcher stats)``."""
+    batcher = Batcher(chat, max_batch_size=len(prompts), batch_wait=5, **options)
+    time.sleep(idle)
+    results, jobs = {}, []
+
+    def record(index):
+        def on_event(event):
+            assert not isinstance(event, BaseException), event
+            if isinstance(event, RowResult):
+                results[index] = event
+            elif index in cancel:
+                batcher.cancel(jobs[index])
+        return on_event
+
+    try:
+        for index, ids in enumerate(prompts):
+            jobs.append(Job(ids, settings, record(index), stream=index in cancel))
+            batcher.submit(jobs[-1])
+        deadline = time.monotonic() + 60
+        while batcher.stats().calls_ended < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        batcher.close(30)
+    return results, batcher.stats()
+
+
+def test_a_cancelled_row_leaves_its_running_batch(reference, checkpoint):
+    """A job cancelled while its batch runs stops computing (drop_rows) and the others still
+    get exactly their answers alone."""
+    chat = load_chat_model(str(checkpoint), device="cpu")
+    tokenizer = chat.tokenizer
+    prompts = [tokenizer(t)["input_ids"] for t in prompts_of_many_lengths(4, seed=5)]
+    settings = Settings(gen_length=48, steps=48, block_length=48)
+    whole, whole_stats = run_batch(chat, prompts, settings)
+    assert whole_stats.batches == 1 and whole_stats.largest_batch == 4
+    got, stats = run_batch(chat, prompts, settings, cancel=(1, 2))
+    assert stats.batches == 1 and stats.cancelled_running == 2 and sorted(got) == [0, 3]
+    for index in (0, 3):
+        assert got[index].ids == whole[index].ids == alone(reference, prompts[index], settings)
+    # each cancelled row ran the step that sent its update and the next one, then left
+    assert stats.row_forwards < whole_stats.row_forwards
+    assert stats.row_forwards == whole_stats.row_forwards - sum(
+        forwards - 2 for forwards in row_forwards(reference, prompts, settings, (1, 2)))
+    assert stats.row_forwards + stats.row_forwards_saved == 4 * 48
+
+
+def coordinated(rank, store, checkpoint, prompts, settings, results):
+    """A rank of the 2-process test below: rank 0 batches (pinging rank 1 while idle), rank 1
+    follows."""
+    import torch.distributed as dist
+
+    from genjo_fast import parallel
+    from genjo_fast.batching import follow
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        chat = load_chat_model(checkpoint, device="cpu")
+        parallel.parallelize(chat.model)
+        coordinator = parallel.Coordinator(chat.model)
+        if rank == 0:
+            got, stats = run_batch(chat, prompts, settings, cancel=(1,), idle=0.5,
+                                   coordinator=coordinator, ping_every=0.05)
+            out = dict(ids={i: r.ids for i, r in got.items()}, stats=vars(stats))
+        else:
+            out = dict(followed=follow(chat, coordinator))
+        torch.save(out, os.path.join(results, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_batcher_over_a_tensor_parallel_model(reference, checkpoint, tmp_path):
+    """Batcher + Coordinator on 2 processes (gloo): idle pings, a row cancelled mid-call
+    dropped on both ranks (rank 1 follows rank 0's decision: no hang, no mismatch), the other
+    rows' answers those of one process alone; closing the batcher releases rank 1."""
+    import torch.multiprocessing as mp
+
+    prompts = [reference.tokenizer(t)["input_ids"] for t in prompts_of_many_lengths(3, seed=2)]
+    settings = Settings(gen_length=48, steps=48, block_length=48)
+    mp.start_processes(coordinated, args=(str(tmp_path / "store"), str(checkpoint), prompts,
+                                          settings, str(tmp_path)),
+                       nprocs=2, start_method="fork")
+    leader, follower = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    stats = leader["stats"]
+    assert stats["pings"] >= 3 and follower["followed"] == stats["batches"] == 1
+    assert stats["cancelled_running"] == 1 and sorted(leader["ids"]) == [0, 2]
+    for index in (0, 2):
+        assert leader["ids"][index] == alone(reference, prompts[index], settings)
+    assert stats["row_forwards"] + stats["row_forwards_saved"] == 3 * 48
+    assert stats["row_forwards_saved"] >= 48 - 2  # the cancelled row ran 2 steps
+
+
+def row_forwards(chat, prompts, settings, rows):
+    """The forwards each of ``rows`` runs in the batch with stop_at_eos (alone: the same,
+    rows are independent): one per step until its answer is settled."""
+    out = []
+    for row in rows:
+        _, stats = genjo_fast.generate(chat.model, torch.tensor([prompts[row]]),
+                                       stop_at_eos=True, return_stats=True,
+                                       **settings.keywords(chat))
+        out.append(stats.row_forwards)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -533,10 +636,11 @@ def test_a_client_leaving_mid_stream_frees_its_row(server):
                       json=long_request(stream=True)) as response:
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")  # the first step arrived: leave
-    after = wait_stats(server, lambda s: s["stopped_early"] > before["stopped_early"])
+    after = wait_stats(server, lambda s: s["calls_ended"] > before["calls_ended"])
     assert after["cancelled_running"] == before["cancelled_running"] + 1
     assert after["running"] == 0 and after["queued"] == 0
     assert after["steps"] - before["steps"] < 448  # the call stopped: its only row was gone
+    assert after["row_forwards_saved"] - before["row_forwards_saved"] > 400
     assert after["completed"] == before["completed"] and after["failed"] == before["failed"]
     assert httpx.post(server.url + "/v1/completions",
                       json=dict(prompt="hi", max_tokens=8)).status_code == 200
@@ -548,7 +652,7 @@ def test_a_client_leaving_while_waiting_frees_its_row(server):
     before = stats(server)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/completions", json=long_request(), timeout=0.5)
-    after = wait_stats(server, lambda s: s["stopped_early"] > before["stopped_early"])
+    after = wait_stats(server, lambda s: s["calls_ended"] > before["calls_ended"])
     assert after["cancelled_running"] == before["cancelled_running"] + 1
     # seeded requests run alone: the second waits behind the first, and leaves
     first = threading.Thread(target=httpx.post, args=(server.url + "/v1/completions",),
@@ -572,6 +676,21 @@ def test_serve_flags_are_checked(checkpoint, capsys):
         assert f"{flag} must be >= " in capsys.readouterr().err
 
 
+def wait_until_serving(process, port, timeout=180):
+    """The server's URL once its /health answers (the process must keep running)."""
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, process.communicate()
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return url
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "genjo-fast serve did not start"
+        time.sleep(0.2)
+
+
 def test_genjo_fast_serve_command(checkpoint):
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -581,17 +700,7 @@ def test_genjo_fast_serve_command(checkpoint):
          "--max-batch-size", "4", "--batch-wait-ms", "5"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, process.communicate()
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "genjo-fast serve did not start"
-            time.sleep(0.2)
+        url = wait_until_serving(process, port)
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         reply = client.chat.completions.create(
             model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=8)
@@ -601,6 +710,83 @@ def test_genjo_fast_serve_command(checkpoint):
         _, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr
     assert f"as '{NAME}' on http://127.0.0.1:{port}/v1" in stderr
+
+
+def worker_ranks(parent: int):
+    """``{rank: pid}`` of a torchrun process's workers (read from Linux's /proc)."""
+    ranks = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == parent:
+                env = (entry / "environ").read_bytes().split(b"\0")
+                ranks[next(int(e[5:]) for e in env if e.startswith(b"RANK="))] = int(entry.name)
+        except (OSError, StopIteration, ValueError):
+            continue  # gone, or not ours
+    return ranks
+
+
+@pytest.mark.slow
+def test_serve_under_torchrun(checkpoint, reference):
+    """``torchrun --nproc_per_node 2 -m genjo_fast.cli serve``: the model split over 2 CPU
+    processes (gloo), rank 0 serving. Concurrent requests are batched and each gets its
+    answer alone (that of one process); a client leaving mid-stream drops its row from the
+    running batch on both ranks (its batch-mate's answer unchanged, the server still serving);
+    Ctrl-C on rank 0 stops the server and releases rank 1: every process exits with 0."""
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+         "2", "-m", "genjo_fast.cli", "serve", "--model", str(checkpoint), "--port", str(port),
+         "--served-model-name", NAME, "--max-batch-size", "8", "--batch-wait-ms", "300",
+         "--log-level", "warning"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = wait_until_serving(process, port)
+        tokenizer = reference.tokenizer
+        texts = prompts_of_many_lengths(6, seed=7)
+
+        def ask(body):
+            response = httpx.post(url + "/v1/completions", timeout=300, json=dict(
+                model=NAME, return_token_ids=True, **body))
+            assert response.status_code == 200, response.text
+            return response.json()["choices"][0]["token_ids"]
+
+        with ThreadPoolExecutor(len(texts)) as pool:
+            batched = list(pool.map(lambda t: ask(dict(prompt=t, max_tokens=32)), texts))
+        assert httpx.get(url + "/stats").json()["largest_batch"] > 1
+        for text, got in zip(texts, batched):
+            expected = alone(reference, tokenizer(text)["input_ids"])
+            assert got == ask(dict(prompt=text, max_tokens=32)) == expected, text
+
+        # a client leaving its batch mid-stream; its batch-mate runs on
+        batches = httpx.get(url + "/stats").json()["batches"]
+        long = dict(max_tokens=448, steps=448, block_length=448)
+        with ThreadPoolExecutor(1) as pool:
+            mate = pool.submit(ask, dict(prompt="Reverse: abc", **long))
+            with httpx.stream("POST", url + "/v1/completions", timeout=300, json=dict(
+                    model=NAME, prompt="Sort: 3 1 2", stream=True, **long)) as response:
+                assert next(response.iter_lines()).startswith("data: ")
+            settings = Settings(gen_length=448, steps=448, block_length=448)
+            assert mate.result() == alone(reference, tokenizer("Reverse: abc")["input_ids"],
+                                          settings)
+        counters = httpx.get(url + "/stats").json()
+        assert counters["cancelled_running"] == 1 and counters["failed"] == 0
+        assert counters["batches"] == batches + 1  # the two shared one call
+        assert counters["row_forwards_saved"] > 300  # the cancelled row left early
+        assert ask(dict(prompt="hi", max_tokens=8))  # still serving
+        ranks = worker_ranks(process.pid)
+        assert sorted(ranks) == [0, 1]
+        os.kill(ranks[0], signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, stderr
+    assert "split over 2 ranks (cpu)" in stderr and "Traceback" not in stderr, stderr
 
 
 def test_dream_requests_run_alone(tmp_path):
