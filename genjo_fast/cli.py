@@ -336,12 +336,8 @@ def serve_parallel(args: argparse.Namespace, program: str, server) -> int:
         world = dist.get_world_size()
         description = f"{describe(chat)}, split over {world} ranks ({device.type})"
         try:
-            try:
-                parallel.check_world_size(chat.model, world)
-                split_head = True
-            except ValueError:  # e.g. the vocabulary: keep the LM head whole
-                split_head = False
-            parallel.parallelize(chat.model, device=device, shard_lm_head=split_head)
+            parallel.parallelize(chat.model, device=device,
+                                 shard_lm_head=parallel.splits_lm_head(chat.model, world))
         except (ValueError, TypeError) as error:  # every rank fails alike
             print(f"{program}: --model {chat.name}: {error}", file=sys.stderr)
             return 2

@@ -162,6 +162,14 @@ def check_world_size(model: ParallelModel, world: int, shard_lm_head: bool = Tru
                              f"{hint}")
 
 
+def splits_lm_head(model: ParallelModel, world: int) -> bool:
+    """Whether ``world`` ranks can split ``model``'s LM head over the vocabulary: it is untied
+    and the vocabulary is a multiple of ``world`` (else pass ``shard_lm_head=False``)."""
+    layout = _layout(model)
+    config = model.config
+    return not getattr(config, layout["tied"]) and getattr(config, layout["vocab"]) % world == 0
+
+
 def _shard(tensor: torch.Tensor, dim: int, rank: int, world: int,
            device: Optional[torch.device]) -> nn.Parameter:
     """This rank's contiguous slice of ``tensor`` along ``dim``, as a new (contiguous,
@@ -437,5 +445,5 @@ def decided_by_leader(model: ParallelModel,
 
 __all__ = ["parallelize", "load_parallel", "init_distributed", "shard_plan",
            "check_world_size", "sync_rng", "same_on_all_ranks", "Coordinator",
-           "decided_by_leader",
+           "decided_by_leader", "splits_lm_head",
            "TensorParallel"]

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import genjo_fast
-from genjo_fast.chat import Settings, load_chat_model
+from genjo_fast.chat import Settings, load_chat_model, run_sampler
 
 from chat_helpers import EOS_ID, EOT_ID, MASK_ID, char_tokenizer
 
@@ -74,10 +74,10 @@ def reference(checkpoint):
 
 
 def alone(chat, ids, settings=None):
-    """``generate`` on one prompt alone: the answer's ids up to and including its first stop
-    id (what the server returns as ``token_ids``)."""
+    """The family's sampler on one prompt alone: the answer's ids up to and including its
+    first stop id (what the server returns as ``token_ids``)."""
     settings = settings or Settings()
-    out = genjo_fast.generate(chat.model, torch.tensor([ids]), **settings.keywords(chat))
+    out, _ = run_sampler(chat, torch.tensor([ids]), None, settings.keywords(chat))
     answer = out[0, len(ids):].tolist()
     stop = next((i for i, t in enumerate(answer) if t in chat.stop_ids), None)
     return answer if stop is None else answer[:stop + 1]
@@ -320,7 +320,8 @@ def run_batch(chat, prompts, settings, cancel=(), idle=0.0, **options):
             jobs.append(Job(ids, settings, record(index), stream=index in cancel))
             batcher.submit(jobs[-1])
         deadline = time.monotonic() + 60
-        while batcher.stats().calls_ended < 1:
+        while not all(j.done or j.cancelled for j in jobs) or not (
+                lambda c: c.queued == 0 and c.calls_ended == c.batches)(batcher.stats()):
             assert time.monotonic() < deadline
             time.sleep(0.01)
     finally:
@@ -360,7 +361,8 @@ def coordinated(rank, store, checkpoint, prompts, settings, results):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
         chat = load_chat_model(checkpoint, device="cpu")
-        parallel.parallelize(chat.model)
+        parallel.parallelize(chat.model,
+                             shard_lm_head=parallel.splits_lm_head(chat.model, 2))
         coordinator = parallel.Coordinator(chat.model)
         if rank == 0:
             got, stats = run_batch(chat, prompts, settings, cancel=(1,), idle=0.5,
@@ -374,20 +376,28 @@ def coordinated(rank, store, checkpoint, prompts, settings, results):
 
 
 @pytest.mark.slow
-def test_batcher_over_a_tensor_parallel_model(reference, checkpoint, tmp_path):
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_batcher_over_a_tensor_parallel_model(reference, checkpoint, tmp_path, family):
     """Batcher + Coordinator on 2 processes (gloo): idle pings, a row cancelled mid-call
     dropped on both ranks (rank 1 follows rank 0's decision: no hang, no mismatch), the other
-    rows' answers those of one process alone; closing the batcher releases rank 1."""
+    rows' answers those of one process alone; closing the batcher releases rank 1. LLaDA's
+    three jobs share one call; Dream's run one by one."""
     import torch.multiprocessing as mp
 
+    from chat_helpers import save_dream_checkpoint
+
+    if family == "dream":
+        checkpoint = save_dream_checkpoint(tmp_path / "dream")
+        reference = load_chat_model(str(checkpoint), device="cpu")
     prompts = [reference.tokenizer(t)["input_ids"] for t in prompts_of_many_lengths(3, seed=2)]
-    settings = Settings(gen_length=48, steps=48, block_length=48)
+    settings = Settings(gen_length=48, steps=48, block_length=48 if family == "llada" else None)
     mp.start_processes(coordinated, args=(str(tmp_path / "store"), str(checkpoint), prompts,
                                           settings, str(tmp_path)),
                        nprocs=2, start_method="fork")
     leader, follower = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     stats = leader["stats"]
-    assert stats["pings"] >= 3 and follower["followed"] == stats["batches"] == 1
+    calls = 1 if family == "llada" else 3
+    assert stats["pings"] >= 3 and follower["followed"] == stats["batches"] == calls
     assert stats["cancelled_running"] == 1 and sorted(leader["ids"]) == [0, 2]
     for index in (0, 2):
         assert leader["ids"][index] == alone(reference, prompts[index], settings)

@@ -314,6 +314,8 @@ def test_bad_world_sizes(world, kw, field):
         parallel.check_world_size(model, world)
     if field.startswith("embedding_size"):
         parallel.check_world_size(model, world, shard_lm_head=False)  # a whole head fits
+        assert not parallel.splits_lm_head(model, world)
+    assert parallel.splits_lm_head(model, 1) == (not model.config.weight_tying)
 
 
 def test_bad_world_size_dream():
