@@ -527,23 +527,31 @@ class _Call:
             adapter.begin(prompt[row:row + 1])
 
     def unwanted(self) -> List[int]:
-        """The sampler's ``drop_rows``: the rows whose jobs were cancelled."""
-        return [row for row, job in enumerate(self.jobs) if job.cancelled]
+        """The sampler's ``drop_rows``: the rows whose jobs were cancelled or failed (rows
+        already answered have left the call: naming them again changes nothing)."""
+        return [row for row, job in enumerate(self.jobs) if job.cancelled or job.done]
 
     def observe(self, event) -> None:
-        """The engine observer: after every step."""
+        """The engine observer: after every step. It never raises: a failure while handling
+        a row's events fails that job only (its row then leaves the call), since an exception
+        here would end rank 0's call alone and leave the other ranks of a tensor-parallel
+        model waiting."""
         self.steps += 1
         answer = event.x[:, event.x.shape[1] - self.jobs[0].settings.gen_length:].cpu()
         done, stop = first_stops(answer, self.batcher._stop_ids, self.batcher.chat.mask_id)
         for row, job in enumerate(self.jobs):
             if job.done or job.cancelled:
                 continue
-            if bool(done[row]):
-                self._answer(row, job, answer[row], int(stop[row]))
-            elif row in self.streams:
-                adapter, streamer = self.streams[row]
-                adapter.step(answer[row:row + 1])
-                self._send(job, next(streamer))
+            try:
+                if bool(done[row]):
+                    self._answer(row, job, answer[row], int(stop[row]))
+                elif row in self.streams:
+                    adapter, streamer = self.streams[row]
+                    adapter.step(answer[row:row + 1])
+                    self._send(job, next(streamer))
+            except Exception as error:
+                logger.exception("a job's events failed; its row leaves the call")
+                self._fail([job], error)
 
     def finish(self, answer: torch.Tensor) -> None:
         """After the call: every row still wanted gets its result."""
@@ -554,8 +562,12 @@ class _Call:
                 self._answer(row, job, answer[row], int(stop[row]))
 
     def fail(self, error: Exception) -> None:
+        """The call failed: every job still waiting gets ``error``."""
+        self._fail(self.jobs, error)
+
+    def _fail(self, jobs: List[Job], error: Exception) -> None:
         with self.batcher._cond:
-            jobs = [j for j in self.jobs if not (j.done or j.cancelled)]
+            jobs = [j for j in jobs if not (j.done or j.cancelled)]
             for job in jobs:
                 job.done = True
             self.batcher._stats.failed += len(jobs)

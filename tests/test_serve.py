@@ -297,19 +297,19 @@ def test_batcher_delivers_each_job_its_own_answer(reference, checkpoint):
         batcher.submit(Job([5], Settings(), print))
 
 
-def run_batch(chat, prompts, settings, cancel=(), idle=0.0, **options):
+def run_batch(chat, prompts, settings, cancel=(), stream=(), idle=0.0, **options):
     """The prompts through one batcher call (submitted before its wait ends, after ``idle``
-    seconds); the jobs in ``cancel`` are cancelled from their first stream update (in the
-    worker: at a known step). ``options``: the Batcher's. Returns ``(results by index,
-    batcher stats)``."""
+    seconds). The jobs in ``stream`` and ``cancel`` stream; those in ``cancel`` are cancelled
+    from their first stream update (in the worker: at a known step). ``options``: the
+    Batcher's. Returns ``(each job's last event: a RowResult or an exception, batcher
+    stats)``."""
     batcher = Batcher(chat, max_batch_size=len(prompts), batch_wait=5, **options)
     time.sleep(idle)
     results, jobs = {}, []
 
     def record(index):
         def on_event(event):
-            assert not isinstance(event, BaseException), event
-            if isinstance(event, RowResult):
+            if isinstance(event, (RowResult, BaseException)):
                 results[index] = event
             elif index in cancel:
                 batcher.cancel(jobs[index])
@@ -317,7 +317,7 @@ def run_batch(chat, prompts, settings, cancel=(), idle=0.0, **options):
 
     try:
         for index, ids in enumerate(prompts):
-            jobs.append(Job(ids, settings, record(index), stream=index in cancel))
+            jobs.append(Job(ids, settings, record(index), stream=index in cancel + stream))
             batcher.submit(jobs[-1])
         deadline = time.monotonic() + 60
         while not all(j.done or j.cancelled for j in jobs) or not (
@@ -329,6 +329,13 @@ def run_batch(chat, prompts, settings, cancel=(), idle=0.0, **options):
     return results, batcher.stats()
 
 
+def answers(results):
+    """``{index: ids}`` of the jobs answered (each result checked to be an answer)."""
+    for event in results.values():
+        assert isinstance(event, RowResult), event
+    return {index: event.ids for index, event in results.items()}
+
+
 def test_a_cancelled_row_leaves_its_running_batch(reference, checkpoint):
     """A job cancelled while its batch runs stops computing (drop_rows) and the others still
     get exactly their answers alone."""
@@ -336,12 +343,14 @@ def test_a_cancelled_row_leaves_its_running_batch(reference, checkpoint):
     tokenizer = chat.tokenizer
     prompts = [tokenizer(t)["input_ids"] for t in prompts_of_many_lengths(4, seed=5)]
     settings = Settings(gen_length=48, steps=48, block_length=48)
-    whole, whole_stats = run_batch(chat, prompts, settings)
+    results, whole_stats = run_batch(chat, prompts, settings)
+    whole = answers(results)
     assert whole_stats.batches == 1 and whole_stats.largest_batch == 4
-    got, stats = run_batch(chat, prompts, settings, cancel=(1, 2))
+    results, stats = run_batch(chat, prompts, settings, cancel=(1, 2))
+    got = answers(results)
     assert stats.batches == 1 and stats.cancelled_running == 2 and sorted(got) == [0, 3]
     for index in (0, 3):
-        assert got[index].ids == whole[index].ids == alone(reference, prompts[index], settings)
+        assert got[index] == whole[index] == alone(reference, prompts[index], settings)
     # each cancelled row ran the step that sent its update and the next one, then left
     assert stats.row_forwards < whole_stats.row_forwards
     assert stats.row_forwards == whole_stats.row_forwards - sum(
@@ -367,7 +376,7 @@ def coordinated(rank, store, checkpoint, prompts, settings, results):
         if rank == 0:
             got, stats = run_batch(chat, prompts, settings, cancel=(1,), idle=0.5,
                                    coordinator=coordinator, ping_every=0.05)
-            out = dict(ids={i: r.ids for i, r in got.items()}, stats=vars(stats))
+            out = dict(ids=answers(got), stats=vars(stats))
         else:
             out = dict(followed=follow(chat, coordinator))
         torch.save(out, os.path.join(results, f"rank{rank}.pt"))
@@ -403,6 +412,29 @@ def test_batcher_over_a_tensor_parallel_model(reference, checkpoint, tmp_path, f
         assert leader["ids"][index] == alone(reference, prompts[index], settings)
     assert stats["row_forwards"] + stats["row_forwards_saved"] == 3 * 48
     assert stats["row_forwards_saved"] >= 48 - 2  # the cancelled row ran 2 steps
+
+
+def test_a_failure_in_a_rows_events_fails_that_job_only(reference, checkpoint, monkeypatch):
+    """An exception while handling one row's stream events fails that job (its row leaves the
+    call) and never aborts the call: its batch-mates get their answers alone. (Under tensor
+    parallelism an exception ending rank 0's call alone would leave the others waiting.)"""
+    from genjo_fast import batching
+
+    chat = load_chat_model(str(checkpoint), device="cpu")
+    prompts = [chat.tokenizer(t)["input_ids"] for t in prompts_of_many_lengths(4, seed=5)]
+    settings = Settings(gen_length=48, steps=48, block_length=48)
+
+    def broken(self, answer, still_open=None):
+        raise RuntimeError("a broken streamer")
+
+    monkeypatch.setattr(batching.StreamAdapter, "step", broken)
+    results, stats = run_batch(chat, prompts, settings, stream=(2,))
+    assert isinstance(results[2], RuntimeError) and "broken streamer" in str(results[2])
+    got = answers({i: r for i, r in results.items() if i != 2})
+    for index in (0, 1, 3):
+        assert got[index] == alone(reference, prompts[index], settings)
+    assert stats.failed == 1 and stats.completed == 3 and stats.calls_ended == 1
+    assert stats.row_forwards_saved >= 48 - 1  # the failed row left after its first step
 
 
 def row_forwards(chat, prompts, settings, rows):
