@@ -17,7 +17,8 @@ computes alone.
   cancelled job (its client went away) is dropped from the queue, or, when running, gets
   nothing more and leaves the computation after the step under way (the sampler's
   ``drop_rows``); the other rows' tokens are not affected. A call whose rows have all left
-  runs no more forwards.
+  runs no more forwards. A failure while handling one row's events (its stream) fails that
+  job alone, whose row then leaves too.
 * Tensor parallelism (:mod:`genjo_fast.parallel`): with a
   :class:`~genjo_fast.parallel.Coordinator`, the worker runs each call on every rank
   (:func:`sample` through :meth:`~genjo_fast.parallel.Coordinator.run`); rank 0 decides which

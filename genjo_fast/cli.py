@@ -309,10 +309,15 @@ def serve_chat(args: argparse.Namespace, program: str, server, chat: ChatModel,
     print(f"{program}: {description} as {args.served_model_name or chat.name!r} on "
           f"http://{args.host}:{args.port}/v1 (batches of up to {args.max_batch_size}, "
           f"waiting {args.batch_wait_ms:g} ms)", file=sys.stderr, flush=True)
-    return server.serve(chat, host=args.host, port=args.port, name=args.served_model_name,
-                        max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-                        max_queue=args.max_queue, log_level=args.log_level,
-                        coordinator=coordinator)
+    try:
+        return server.serve(chat, host=args.host, port=args.port, name=args.served_model_name,
+                            max_batch_size=args.max_batch_size,
+                            batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
+                            log_level=args.log_level, coordinator=coordinator)
+    except OSError as error:  # the address: a port in use, a host not of this machine
+        print(f"{program}: cannot listen on {args.host}:{args.port}: {error.strerror or error}",
+              file=sys.stderr)
+        return 2
 
 
 def serve_parallel(args: argparse.Namespace, program: str, server) -> int:
@@ -347,7 +352,10 @@ def serve_parallel(args: argparse.Namespace, program: str, server) -> int:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             batching.follow(chat, coordinator)
             return 0
-        return serve_chat(args, program, server, chat, description, coordinator)
+        try:
+            return serve_chat(args, program, server, chat, description, coordinator)
+        finally:  # done by the batcher once it ran; here too if it never did
+            coordinator.close()
     finally:
         dist.destroy_process_group()
 

@@ -40,9 +40,11 @@ key/value heads.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Union
@@ -346,8 +348,9 @@ class Coordinator:
 
     The followers wait in a collective between calls: a leader idle for longer than the
     process group's timeout (``init_process_group(timeout=...)``: 10 minutes with NCCL by
-    default) should :meth:`ping` them in the meantime. Only one thread of the leader may use
-    the coordinator (and the process group) at a time.
+    default) should :meth:`ping` them in the meantime. The leader's :meth:`run`, :meth:`ping`
+    and :meth:`close` hold a lock (one at a time, whatever thread calls them; nothing else
+    should use the process group meanwhile), and :meth:`close` may be called more than once.
 
     Args:
         model: a parallelised model (:func:`parallelize`); the calls go to the ranks of its
@@ -363,6 +366,8 @@ class Coordinator:
         self.is_leader = dist.get_rank(self.group) == 0
         self._src = dist.get_global_rank(self.group, 0)
         self._device = _collective_device(model)
+        self._lock = threading.Lock()
+        self._closed = False
 
     def _broadcast(self, message=None):
         box = [message]
@@ -374,17 +379,26 @@ class Coordinator:
         result. ``leader_only``: keyword arguments passed to the leader's call only, not sent
         (callbacks, e.g. an observer; ``fn`` must then make every rank do the same, see
         :func:`decided_by_leader`)."""
-        if not self.is_leader:
-            raise RuntimeError("Coordinator.run is for rank 0; the other ranks call follow()")
-        self._broadcast((fn, args, kwargs))
-        return fn(self.model, *args, **kwargs, **(leader_only or {}))
+        with self._leading("run"):
+            self._broadcast((fn, args, kwargs))
+            return fn(self.model, *args, **kwargs, **(leader_only or {}))
 
     def ping(self) -> None:
         """Leader only: a message that runs nothing, so that the followers' wait does not
         time out."""
+        with self._leading("ping"):
+            self._broadcast(_PING)
+
+    @contextlib.contextmanager
+    def _leading(self, what: str):
         if not self.is_leader:
-            raise RuntimeError("Coordinator.ping is for rank 0")
-        self._broadcast(_PING)
+            raise RuntimeError(f"Coordinator.{what} is for rank 0; the other ranks call "
+                               "follow()")
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"Coordinator.{what}: the coordinator is closed (the other "
+                                   "ranks have left)")
+            yield
 
     def follow(self) -> int:
         """Followers: run the leader's calls until it closes; returns how many ran."""
@@ -405,9 +419,14 @@ class Coordinator:
                 _log.warning("rank %d: %s: %s", dist.get_rank(), type(error).__name__, error)
 
     def close(self) -> None:
-        """Leader only: releases the followers from :meth:`follow`."""
-        if self.is_leader:
-            self._broadcast(None)
+        """Leader: releases the followers from :meth:`follow` (after the call under way; once:
+        later calls do nothing). Nothing on the other ranks."""
+        if not self.is_leader:
+            return
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._broadcast(None)
 
     def __enter__(self) -> "Coordinator":
         return self
@@ -428,17 +447,25 @@ def decided_by_leader(model: ParallelModel,
     """A host-side decision that rank 0 makes and every rank follows, e.g. which rows leave a
     running call (a sampler's ``drop_rows``): the returned callable, called at the same point
     of the same call on every rank of ``model``'s group (it is a collective), runs ``decide``
-    on rank 0 and returns its (picklable) result on every rank. ``decide`` is only read on
-    rank 0 (pass ``None`` elsewhere)."""
+    on rank 0 and returns its (picklable) result on every rank, or raises its exception on
+    every rank. ``decide`` is only read on rank 0 (pass ``None`` elsewhere)."""
     info = model.tensor_parallel
     src, device = dist.get_global_rank(info.group, 0), _collective_device(model)
     if info.rank == 0 and not callable(decide):
         raise TypeError(f"decide must be callable on rank 0, got {type(decide).__name__}")
 
     def decided():
-        box = [decide() if info.rank == 0 else None]
+        box = [None]
+        if info.rank == 0:  # an error is every rank's too: none is left waiting
+            try:
+                box[0] = (True, decide())
+            except Exception as error:
+                box[0] = (False, error)
         dist.broadcast_object_list(box, src=src, group=info.group, device=device)
-        return box[0]
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
 
     return decided
 

@@ -549,12 +549,16 @@ class BackgroundServer:
                  log_level: str = "warning", coordinator=None):
         import uvicorn
 
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:  # before the batcher: a port in use leaves nothing running
+            self._socket.bind((host, port))
+        except OSError:
+            self._socket.close()
+            raise
         self.batcher = Batcher(chat, max_batch_size=max_batch_size,
                                batch_wait=batch_wait_ms / 1000, max_queue=max_queue,
                                coordinator=coordinator)
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind((host, port))
         self.port = self._socket.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
         config = uvicorn.Config(create_app(chat, self.batcher, name), log_level=log_level)

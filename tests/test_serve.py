@@ -770,6 +770,33 @@ def worker_ranks(parent: int):
     return ranks
 
 
+def test_a_port_in_use_is_a_clear_error(checkpoint, capsys):
+    from genjo_fast.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", str(checkpoint), "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_serve_under_torchrun_exits_when_rank_0_cannot_listen(checkpoint):
+    """Rank 0 fails to bind its port: it says so, releases rank 1, and the run ends."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+             "2", "-m", "genjo_fast.cli", "serve", "--model", str(checkpoint), "--port",
+             str(port)], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"),
+            capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in run.stderr, run.stderr
+
+
 @pytest.mark.slow
 def test_serve_under_torchrun(checkpoint, reference):
     """``torchrun --nproc_per_node 2 -m genjo_fast.cli serve``: the model split over 2 CPU

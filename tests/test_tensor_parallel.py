@@ -169,6 +169,19 @@ def worker(rank, store_file, checkpoint, results):
                                                          **generate_kw(temperature=1.0))
             else:
                 out["followed"] = coordinator.follow()
+        coordinator.close()  # a second close does nothing (rank 1 has left)
+        if coordinator.is_leader:
+            try:
+                coordinator.run(led_generate, x, mask, 7, **generate_kw())
+            except RuntimeError as error:
+                out["run_after_close"] = str(error)
+        # rank 0's host-side decision, every rank's (its errors too)
+        out["decided"] = parallel.decided_by_leader(
+            llada, (lambda: ["drop", 3]) if rank == 0 else None)()
+        try:
+            parallel.decided_by_leader(llada, (lambda: 1 // 0) if rank == 0 else None)()
+        except ZeroDivisionError:
+            out["decide_error"] = True
         torch.save(out, os.path.join(results, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -283,6 +296,9 @@ def test_coordinator(runs):
     assert torch.equal(ranks[0]["led_after_error"], single["led_after_error"])
     assert "block_length" in ranks[0]["led_error"]
     assert ranks[1]["followed"] == 3
+    assert "closed" in ranks[0]["run_after_close"]
+    assert [out["decided"] for out in ranks] == [["drop", 3]] * WORLD
+    assert all(out.get("decide_error") for out in ranks)
 
 
 def test_shard_plan():
