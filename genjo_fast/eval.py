@@ -129,6 +129,7 @@ _SET_BY_HARNESS = {"model", "prompt", "attention_mask", "steps", "gen_length", "
                    "temperature", "cfg_scale", "remasking", "mask_id", "backend", "progress",
                    "observer", "streamer", "generator", "draws", "return_stats",
                    "stop_ids",  # stop_ids: generate's default, (eos_id, eot_id)
+                   "drop_rows",  # a server's callback: every lm-eval request is wanted
                    "constraints", "sampler",
                    "positions"}  # positions: per-row tensors, the harness's are the default
 
