@@ -239,8 +239,9 @@ class RowStopper:
         finished, first = first_stops(canvas[:, self.answer_start:], self.stop_ids,
                                       self.mask_id)
         leaving = finished
-        if self.drop_rows is not None:
-            leaving = finished | self._unwanted()
+        unwanted = self._unwanted() if self.drop_rows is not None else None
+        if unwanted is not None:
+            leaving = finished | unwanted
         if not bool(leaving.any()):
             return canvas
         drop = leaving.nonzero().squeeze(1)
@@ -261,12 +262,16 @@ class RowStopper:
         self.running = keep.numel()
         return compaction.canvas
 
-    def _unwanted(self) -> torch.Tensor:
-        """bool ``(b,)`` over the running rows: those ``drop_rows()`` names. Errors name
+    def _unwanted(self) -> Optional[torch.Tensor]:
+        """bool ``(b,)`` over the running rows: those ``drop_rows()`` names; ``None`` when it
+        names none (the usual step: no tensor built, nothing copied). Errors name
         ``drop_rows``."""
+        named = list(self.drop_rows())
+        if not named:
+            return None
         batch = self.x.shape[0]
         unwanted = torch.zeros(batch, dtype=torch.bool)
-        for row in self.drop_rows():
+        for row in named:
             if isinstance(row, bool) or not isinstance(row, numbers.Integral):
                 raise TypeError(f"drop_rows() must return row indices (ints), got "
                                 f"{type(row).__name__} ({row!r})")

@@ -320,13 +320,17 @@ def run_batch(chat, prompts, settings, cancel=(), stream=(), idle=0.0, **options
             jobs.append(Job(ids, settings, record(index), stream=index in cancel + stream))
             batcher.submit(jobs[-1])
         deadline = time.monotonic() + 60
-        while not all(j.done or j.cancelled for j in jobs) or not (
-                lambda c: c.queued == 0 and c.calls_ended == c.batches)(batcher.stats()):
+        while not (all(j.done or j.cancelled for j in jobs) and all_calls_ended(batcher.stats())):
             assert time.monotonic() < deadline
             time.sleep(0.01)
     finally:
         batcher.close(30)
     return results, batcher.stats()
+
+
+def all_calls_ended(stats):
+    """Nothing queued and every call started has ended."""
+    return stats.queued == 0 and stats.calls_ended == stats.batches
 
 
 def answers(results):
